@@ -1,0 +1,189 @@
+"""
+Configuration: command-line option, then environment, then ``.env`` file,
+then default.  Pure code: L{load_config} takes the three sources as plain
+mappings, so it is tested without touching the real environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+LOG_LEVELS = ("error", "warn", "info", "debug")
+
+
+class ConfigError(Exception):
+    """A bad setting; the text is one line naming the variable."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its variable, its option, its default and its help."""
+
+    env: str
+    option: str
+    default: str
+    help: str
+
+
+#: Every setting, in the order ``--help`` and ``env.example`` list them.
+SETTINGS = (
+    Setting("PORT", "port", "3001",
+            "TCP port to listen on; --port also takes a Twisted endpoint "
+            "description such as tcp:3001:interface=127.0.0.1"),
+    Setting("ALLOWED_ORIGINS", "allowed-origins", "http://localhost:3000",
+            "comma-separated browser origins allowed to connect and to read "
+            "HTTP replies (CORS); * allows any"),
+    Setting("LOG_LEVEL", "log-level", "info", "one of error, warn, info, debug"),
+    Setting("NODE_ENV", "node-env", "development",
+            "development or production (production warns about open settings)"),
+    Setting("MAX_MESSAGE_BYTES", "max-message-bytes", "65536",
+            "largest WebSocket message accepted; larger ones close the socket with 1009"),
+    Setting("MAX_BROADCAST_BYTES", "max-broadcast-bytes", "1048576",
+            "largest POST /broadcast body accepted (413 beyond)"),
+    Setting("PRESENCE_WINDOW_MS", "presence-window-ms", "50",
+            "USER_PRESENCE changes within this window are sent as one (0 = every change)"),
+    Setting("PING_INTERVAL", "ping-interval", "30",
+            "seconds between WebSocket pings (0 disables)"),
+    Setting("PING_TIMEOUT", "ping-timeout", "10",
+            "seconds to wait for a pong before dropping the connection"),
+    Setting("HANDSHAKE_TIMEOUT", "handshake-timeout", "10",
+            "seconds a client has to finish the WebSocket opening handshake"),
+    Setting("SHUTDOWN_TIMEOUT", "shutdown-timeout", "10",
+            "seconds to wait for WebSockets to close on SIGTERM before exiting"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The server's settings, validated."""
+
+    port: str = "tcp:3001"
+    allowed_origins: tuple[str, ...] = ("http://localhost:3000",)
+    log_level: str = "info"
+    node_env: str = "development"
+    max_message_bytes: int = 65536
+    max_broadcast_bytes: int = 1048576
+    presence_window_seconds: float = 0.05
+    ping_interval_seconds: float = 30.0
+    ping_timeout_seconds: float = 10.0
+    handshake_timeout_seconds: float = 10.0
+    shutdown_timeout_seconds: float = 10.0
+
+    @property
+    def production(self) -> bool:
+        return self.node_env == "production"
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser at C{origin} may connect and read replies."""
+        return "*" in self.allowed_origins or origin in self.allowed_origins
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """
+    Read ``KEY=value`` lines as the dotenv packages do: blank lines and
+    ``#`` comments are skipped, ``export`` is allowed, and matching single
+    or double quotes around a value are removed.
+    """
+    result = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        result[key] = value
+    return result
+
+
+def _number(env: str, value: str, minimum: float, integer: bool = False) -> float:
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(f"{env} must be {kind}, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{env} must be at least {minimum:g}, got {value!r}")
+    return number
+
+
+def _port(value: str) -> str:
+    if value.isdigit():
+        number = int(value)
+        if not 0 <= number <= 65535:
+            raise ConfigError(f"PORT must be between 0 and 65535, got {value!r}")
+        return f"tcp:{number}"
+    if ":" in value:  # an endpoint description, checked when it is listened on
+        return value
+    raise ConfigError(f"PORT must be a number or an endpoint description, got {value!r}")
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    if not origins:
+        raise ConfigError("ALLOWED_ORIGINS must name at least one origin (or *)")
+    return origins
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level == "warning":
+        level = "warn"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+_PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "PORT": ("port", _port),
+    "ALLOWED_ORIGINS": ("allowed_origins", _origins),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "NODE_ENV": ("node_env", lambda v: v.strip() or "development"),
+    "MAX_MESSAGE_BYTES": ("max_message_bytes",
+                          lambda v: int(_number("MAX_MESSAGE_BYTES", v, 128, True))),
+    "MAX_BROADCAST_BYTES": ("max_broadcast_bytes",
+                            lambda v: int(_number("MAX_BROADCAST_BYTES", v, 128, True))),
+    "PRESENCE_WINDOW_MS": ("presence_window_seconds",
+                           lambda v: _number("PRESENCE_WINDOW_MS", v, 0) / 1000),
+    "PING_INTERVAL": ("ping_interval_seconds", lambda v: _number("PING_INTERVAL", v, 0)),
+    "PING_TIMEOUT": ("ping_timeout_seconds", lambda v: _number("PING_TIMEOUT", v, 0.1)),
+    "HANDSHAKE_TIMEOUT": ("handshake_timeout_seconds",
+                          lambda v: _number("HANDSHAKE_TIMEOUT", v, 0.1)),
+    "SHUTDOWN_TIMEOUT": ("shutdown_timeout_seconds",
+                         lambda v: _number("SHUTDOWN_TIMEOUT", v, 0)),
+}
+
+
+def load_config(
+    options: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    dotenv: Mapping[str, str] | None = None,
+) -> Config:
+    """
+    Build the L{Config}: for each setting the option (keyed by its option
+    name, e.g. ``allowed-origins``) wins, then the environment, then the
+    ``.env`` values, then the default.
+
+    @raise ConfigError: for the first bad value, naming its variable.
+    """
+    dotenv = dotenv or {}
+    values = {}
+    for setting in SETTINGS:
+        raw = options.get(setting.option)
+        if raw is None:
+            raw = environ.get(setting.env)
+        if raw is None:
+            raw = dotenv.get(setting.env)
+        if raw is None:
+            continue
+        field, parse = _PARSERS[setting.env]
+        values[field] = parse(str(raw))
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,23 @@
+"""
+WebSocket framing of outgoing messages (RFC 6455, section 5.2).
+
+A server's frames are unmasked, so one event framed once is the same bytes
+for every recipient: the fan-out hands these bytes to each member instead of
+asking Autobahn to frame (and log) the message once per recipient.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_TEXT_FIN = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A single unfragmented, unmasked text frame carrying C{payload}."""
+    n = len(payload)
+    if n < 126:
+        return bytes((_TEXT_FIN, n)) + payload
+    if n < 0x10000:
+        return struct.pack("!BBH", _TEXT_FIN, 126, n) + payload
+    return struct.pack("!BBQ", _TEXT_FIN, 127, n) + payload

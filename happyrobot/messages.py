@@ -1,0 +1,355 @@
+"""
+Messages of the Happy Robot real-time protocol: parse and validate what
+clients send, build what the server sends.
+
+The wire contract is ``docs/PROTOCOL.md``; this module is the only place that
+knows wire names (``projectId``, ``operationId``, ...).  It does no I/O and
+imports nothing from Twisted, so every rule here is tested directly.
+
+Outgoing messages are returned as UTF-8 JSON ``bytes`` so that an event is
+serialised once, however many members receive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+import orjson
+
+#: The seven client event types relayed to the other members of a room.
+RELAYED_TYPES = frozenset(
+    {
+        "TASK_CREATE",
+        "TASK_UPDATE",
+        "TASK_DELETE",
+        "COMMENT_CREATE",
+        "COMMENT_UPDATE",
+        "COMMENT_DELETE",
+        "PROJECT_UPDATE",
+    }
+)
+CONTROL_TYPES = frozenset({"SET_USER", "JOIN_PROJECT", "LEAVE_PROJECT"})
+
+MAX_ID_CHARS = 128
+MAX_TYPE_CHARS = 64
+MAX_OPERATION_ID_CHARS = 256
+MAX_USER_INFO_KEYS = 32
+MAX_USER_INFO_KEY_CHARS = 64
+MAX_USER_INFO_VALUE_CHARS = 256
+#: The userInfo fields the server keeps; presence only needs them for initials.
+USER_INFO_FIELDS = ("firstName", "lastName", "name", "email")
+
+
+class ProtocolError(Exception):
+    """
+    A message that cannot be handled.  The connection stays open: the
+    adapter answers with an ``ERROR`` frame carrying C{code} and C{message}.
+    """
+
+    def __init__(self, code: str, message: str, operation_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.operation_id = operation_id
+
+
+@dataclass(frozen=True)
+class SetUser:
+    """SET_USER, or the user part of a JOIN_PROJECT carrying ``userId``."""
+
+    user_id: str
+    user_info: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class JoinProject:
+    """JOIN_PROJECT; C{user} is set when the message also names the user."""
+
+    project_id: str
+    user: SetUser | None
+
+
+@dataclass(frozen=True)
+class LeaveProject:
+    """LEAVE_PROJECT."""
+
+    project_id: str
+
+
+@dataclass(frozen=True)
+class Relay:
+    """One of the seven relayed event types, on its way to a room."""
+
+    type: str
+    project_id: str
+    payload: Any
+    operation_id: str | None
+    has_payload: bool
+
+
+ClientMessage = Union[SetUser, JoinProject, LeaveProject, Relay]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A validated ``POST /broadcast`` body."""
+
+    type: str
+    project_id: str
+    payload: Any
+    has_payload: bool
+    user_id: str | None
+    operation_id: str | None
+    timestamp: int | float | None
+
+
+# -------------------------------------------------------------- validation
+
+
+def _project_id(obj: Mapping[str, Any], op: str | None) -> str:
+    value = obj.get("projectId")
+    if value is None or value == "":
+        raise ProtocolError("MISSING_PROJECT_ID", "projectId is required", op)
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise ProtocolError(
+            "INVALID_PROJECT_ID",
+            f"projectId must be a string of at most {MAX_ID_CHARS} characters",
+            op,
+        )
+    return value
+
+
+def _user_id(value: Any, op: str | None) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise ProtocolError(
+            "INVALID_USER_ID",
+            f"userId must be a non-empty string of at most {MAX_ID_CHARS} characters",
+            op,
+        )
+    return value
+
+
+def _user_info(value: Any, op: str | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    error = ProtocolError(
+        "INVALID_USER_INFO",
+        f"userInfo must be an object of at most {MAX_USER_INFO_KEYS} short strings",
+        op,
+    )
+    if not isinstance(value, dict) or len(value) > MAX_USER_INFO_KEYS:
+        raise error
+    kept = {}
+    for key, item in value.items():
+        if len(key) > MAX_USER_INFO_KEY_CHARS:
+            raise error
+        if item is None:
+            continue
+        if not isinstance(item, str) or len(item) > MAX_USER_INFO_VALUE_CHARS:
+            raise error
+        if key in USER_INFO_FIELDS:
+            kept[key] = item
+    return kept
+
+
+def _operation_id(obj: Mapping[str, Any]) -> str | None:
+    value = obj.get("operationId")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_OPERATION_ID_CHARS:
+        raise ProtocolError(
+            "INVALID_OPERATION_ID",
+            f"operationId must be a string of at most {MAX_OPERATION_ID_CHARS} characters",
+        )
+    return value
+
+
+def _payload(obj: Mapping[str, Any], op: str | None) -> tuple[Any, bool]:
+    if "payload" not in obj:
+        return None, False
+    value = obj["payload"]
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError("INVALID_PAYLOAD", "payload must be an object", op)
+    return value, True
+
+
+def _set_user(obj: Mapping[str, Any], op: str | None) -> SetUser:
+    payload, _ = _payload(obj, op)
+    payload = payload or {}
+    user_id = payload.get("userId") or obj.get("userId")
+    if user_id is None:
+        raise ProtocolError("MISSING_USER_ID", "SET_USER needs a userId", op)
+    return SetUser(_user_id(user_id, op), _user_info(payload.get("userInfo"), op))
+
+
+def _decode(data: bytes | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("INVALID_JSON", "Invalid message format: not JSON") from None
+
+
+def parse(data: bytes | str) -> ClientMessage:
+    """
+    Parse and validate one client frame.
+
+    @raise ProtocolError: with a stable C{code} for anything the server will
+        not act on; nothing has happened yet when it is raised.
+    """
+    obj = _decode(data)
+    if not isinstance(obj, dict):
+        raise ProtocolError("INVALID_MESSAGE", "A message must be a JSON object")
+    op = _operation_id(obj)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("INVALID_MESSAGE", "A message needs a string type", op)
+    if kind in RELAYED_TYPES:
+        project_id = _project_id(obj, op)
+        payload, has_payload = _payload(obj, op)
+        return Relay(kind, project_id, payload, op, has_payload)
+    if kind == "JOIN_PROJECT":
+        project_id = _project_id(obj, op)
+        user = None
+        if obj.get("userId") is not None:
+            user = SetUser(_user_id(obj["userId"], op), {})
+        return JoinProject(project_id, user)
+    if kind == "LEAVE_PROJECT":
+        return LeaveProject(_project_id(obj, op))
+    if kind == "SET_USER":
+        return _set_user(obj, op)
+    raise ProtocolError("UNKNOWN_TYPE", f"Unknown message type: {kind[:MAX_TYPE_CHARS]}", op)
+
+
+class BroadcastError(Exception):
+    """A ``POST /broadcast`` body that is refused with 400."""
+
+
+def parse_broadcast(data: bytes) -> Broadcast:
+    """
+    Parse and validate a ``POST /broadcast`` body.
+
+    @raise BroadcastError: with the text of the 400 reply.
+    """
+    try:
+        obj = orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        raise BroadcastError("Invalid JSON") from None
+    if not isinstance(obj, dict):
+        raise BroadcastError("Body must be a JSON object")
+    kind, project_id = obj.get("type"), obj.get("projectId")
+    if not kind or not project_id:
+        raise BroadcastError("Missing required fields: type, projectId")
+    if not isinstance(kind, str) or len(kind) > MAX_TYPE_CHARS:
+        raise BroadcastError(f"type must be a string of at most {MAX_TYPE_CHARS} characters")
+    try:
+        project_id = _project_id(obj, None)
+        payload, has_payload = _payload(obj, None)
+        op = _operation_id(obj)
+        user_id = obj.get("userId")
+        if user_id is not None:
+            user_id = _user_id(user_id, None)
+    except ProtocolError as e:
+        raise BroadcastError(e.message) from None
+    timestamp = obj.get("timestamp")
+    if timestamp is not None and (
+        isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))
+    ):
+        raise BroadcastError("timestamp must be a number")
+    return Broadcast(kind, project_id, payload, has_payload, user_id, op, timestamp)
+
+
+# ------------------------------------------------------------ outgoing
+
+
+def initials(user_id: str, info: Mapping[str, str]) -> str:
+    """
+    Two-letter initials for presence, as PROTOCOL.md defines them: first and
+    last name; else the first and last word of C{name} (one letter for one
+    word); else the e-mail's local part; else the user id's last two
+    characters.
+    """
+    first, last = info.get("firstName"), info.get("lastName")
+    if first and last:
+        return (first[0] + last[0]).upper()
+    name = (info.get("name") or "").strip()
+    if name:
+        words = name.split()
+        if len(words) > 1:
+            return (words[0][0] + words[-1][0]).upper()
+        return name[0].upper()
+    email = info.get("email")
+    if email:
+        local = email.split("@")[0][:2]
+        if local:
+            return local.upper()
+    return user_id[-2:].upper()
+
+
+def connection_established(client_id: str, now_ms: int) -> bytes:
+    """The greeting sent once the WebSocket is open."""
+    return orjson.dumps(
+        {"type": "CONNECTION_ESTABLISHED", "clientId": client_id, "timestamp": now_ms}
+    )
+
+
+def error(error: ProtocolError, now_ms: int) -> bytes:
+    """An ERROR frame; the connection stays usable."""
+    msg: dict[str, Any] = {
+        "type": "ERROR",
+        "error": error.message,
+        "code": error.code,
+        "timestamp": now_ms,
+    }
+    if error.operation_id is not None:
+        msg["operationId"] = error.operation_id
+    return orjson.dumps(msg)
+
+
+def presence(project_id: str, active_users: list[dict[str, Any]], now_ms: int) -> bytes:
+    """USER_PRESENCE for one room; C{active_users} are ready-made entries."""
+    return orjson.dumps(
+        {
+            "type": "USER_PRESENCE",
+            "payload": {
+                "projectId": project_id,
+                "activeUsers": active_users,
+                "userCount": len(active_users),
+            },
+            "operationId": f"presence-{now_ms}",
+            "timestamp": now_ms,
+        }
+    )
+
+
+def relayed(event: Relay, now_ms: int) -> bytes:
+    """
+    What the other members of the room receive for a relayed client event:
+    never a top-level ``userId`` (the front end drops messages carrying its
+    own), so the sender's other tabs still see it.
+    """
+    msg: dict[str, Any] = {"type": event.type}
+    if event.has_payload:
+        msg["payload"] = event.payload
+    if event.operation_id is not None:
+        msg["operationId"] = event.operation_id
+    msg["timestamp"] = now_ms
+    msg["projectId"] = event.project_id
+    return orjson.dumps(msg)
+
+
+def broadcast(event: Broadcast, now_ms: int) -> bytes:
+    """What every member receives for ``POST /broadcast``; ``userId`` is kept."""
+    msg: dict[str, Any] = {"type": event.type}
+    if event.has_payload:
+        msg["payload"] = event.payload
+    msg["operationId"] = event.operation_id or f"broadcast-{now_ms}"
+    msg["timestamp"] = event.timestamp if event.timestamp is not None else now_ms
+    msg["userId"] = event.user_id
+    msg["projectId"] = event.project_id
+    return orjson.dumps(msg)
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialise an HTTP reply body."""
+    return orjson.dumps(obj)

@@ -1,0 +1,190 @@
+"""
+Project rooms: who is in which room, relaying events to the other members,
+and presence.
+
+No sockets and no reactor import: a member is anything with a C{client_id},
+a C{user_id}, C{initials} and a C{send(frame)} method, and time comes from
+an injected clock (the reactor in production, L{twisted.internet.task.Clock}
+in tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from happyrobot import messages
+from happyrobot.framing import text_frame
+
+
+class Member(Protocol):
+    """One connection as the registry sees it."""
+
+    client_id: str
+    user_id: str | None
+    initials: str
+
+    def send(self, frame: bytes) -> None:
+        """Queue an already framed message for this connection."""
+
+
+class Room:
+    """The members of one project, in join order, with their join times."""
+
+    __slots__ = ("project_id", "members", "joined_at_ms", "presence_timer", "presence_dirty")
+
+    def __init__(self, project_id: str) -> None:
+        self.project_id = project_id
+        self.members: dict[str, Member] = {}
+        self.joined_at_ms: dict[str, int] = {}
+        self.presence_timer: IDelayedCall | None = None
+        self.presence_dirty = False
+
+    def active_users(self) -> list[dict[str, Any]]:
+        """Presence entries: one per member that has a user id."""
+        return [
+            {
+                "userId": m.user_id,
+                "clientId": cid,
+                "joinedAt": self.joined_at_ms[cid],
+                "initials": m.initials,
+            }
+            for cid, m in self.members.items()
+            if m.user_id is not None
+        ]
+
+
+class RoomRegistry:
+    """
+    Every room of this server, keyed by project id.  One registry per
+    server, shared by the WebSocket factory, the HTTP resources and the bus.
+
+    Presence is throttled per room: the first change in a quiet room is
+    announced at once, and further changes within C{presence_window_seconds}
+    are folded into one trailing announcement, so C{n} joins cost O(n)
+    messages instead of O(n^2) while every member ends with the right list.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        presence_window_seconds: float = 0.0,
+        encode: Callable[[bytes], bytes] = text_frame,
+    ) -> None:
+        self._rooms: dict[str, Room] = {}
+        self._clock = clock
+        self._window = presence_window_seconds
+        self._encode = encode
+
+    # ------------------------------------------------------------ queries
+
+    def __contains__(self, project_id: str) -> bool:
+        return project_id in self._rooms
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def member_count(self, project_id: str) -> int:
+        """How many connections are in C{project_id} (0 when no such room)."""
+        room = self._rooms.get(project_id)
+        return len(room.members) if room else 0
+
+    def is_member(self, project_id: str, client_id: str) -> bool:
+        room = self._rooms.get(project_id)
+        return room is not None and client_id in room.members
+
+    def active_users(self, project_id: str) -> list[dict[str, Any]]:
+        room = self._rooms.get(project_id)
+        return room.active_users() if room else []
+
+    def snapshot(self) -> dict[str, list[str]]:
+        """Project id to the client ids in it, for /stats."""
+        return {pid: list(room.members) for pid, room in self._rooms.items()}
+
+    # ------------------------------------------------------------ changes
+
+    def join(self, project_id: str, member: Member) -> bool:
+        """
+        Add C{member} to the room (made on first join) and announce presence.
+        Joining again only re-announces.
+
+        @return: whether C{member} was new to the room.
+        """
+        room = self._rooms.get(project_id)
+        if room is None:
+            room = self._rooms[project_id] = Room(project_id)
+        new = member.client_id not in room.members
+        if new:
+            room.members[member.client_id] = member
+            room.joined_at_ms[member.client_id] = self._now_ms()
+        self._announce(room)
+        return new
+
+    def leave(self, project_id: str, member: Member) -> bool:
+        """
+        Remove C{member}; an emptied room is dropped, otherwise the rest
+        learn the new presence.  Leaving a room one is not in does nothing.
+
+        @return: whether C{member} was in the room.
+        """
+        room = self._rooms.get(project_id)
+        if room is None or room.members.pop(member.client_id, None) is None:
+            return False
+        del room.joined_at_ms[member.client_id]
+        if not room.members:
+            if room.presence_timer is not None:
+                room.presence_timer.cancel()
+            del self._rooms[project_id]
+        else:
+            self._announce(room)
+        return True
+
+    def member_changed(self, project_ids: list[str] | set[str]) -> None:
+        """A member of these rooms changed its user: re-announce presence."""
+        for project_id in project_ids:
+            room = self._rooms.get(project_id)
+            if room is not None:
+                self._announce(room)
+
+    def deliver(self, project_id: str, frame: bytes, exclude: str | None = None) -> int:
+        """
+        Hand one framed event to every member of the room but C{exclude}.
+
+        @return: how many members it was handed to.
+        """
+        room = self._rooms.get(project_id)
+        if room is None:
+            return 0
+        sent = 0
+        for client_id, member in room.members.items():
+            if client_id != exclude:
+                member.send(frame)
+                sent += 1
+        return sent
+
+    # ------------------------------------------------------------ presence
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _announce(self, room: Room) -> None:
+        if room.presence_timer is not None:
+            room.presence_dirty = True
+            return
+        self._send_presence(room)
+        if self._window > 0:
+            room.presence_timer = self._clock.callLater(self._window, self._window_end, room)
+
+    def _window_end(self, room: Room) -> None:
+        room.presence_timer = None
+        if room.presence_dirty and self._rooms.get(room.project_id) is room:
+            room.presence_dirty = False
+            self._announce(room)
+
+    def _send_presence(self, room: Room) -> None:
+        frame = self._encode(
+            messages.presence(room.project_id, room.active_users(), self._now_ms())
+        )
+        for member in room.members.values():
+            member.send(frame)

@@ -1,0 +1,119 @@
+"""
+The twistd plugin's options and service: the one place where the pieces
+are wired together.
+
+``twistd -n happyrobot-ws [options]`` builds the service with
+L{makeService}; ports open only when the service starts, so ``--uid`` and
+privileged ports work as with any twistd plugin.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from happyrobot import logs
+from happyrobot.bus import LocalBus
+from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
+from happyrobot.rooms import RoomRegistry
+from happyrobot.web import make_site
+from happyrobot.ws import CollabFactory
+
+log = logs.get_logger(__name__)
+
+
+class Options(usage.Options):
+    """Every setting as an option; the help names its variable and default."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Happy Robot real-time server: project rooms over WebSocket at /ws, "
+        "with /health, /stats and POST /broadcast on the same port. Each "
+        "option overrides its environment variable, which overrides the "
+        "same variable in the .env file."
+    )
+    optParameters = [
+        [s.option, None, None, f"{s.help} [env {s.env}, default {s.default}]"]
+        for s in SETTINGS
+    ] + [["env-file", None, ".env", "dotenv file read for variables not in the environment"]]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def config(self) -> Config:
+        """
+        The settings from these options, the environment and the env file.
+
+        @raise ConfigError: naming the first bad variable.
+        """
+        dotenv = {}
+        path = self["env-file"]
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                dotenv = parse_dotenv(f.read())
+        return load_config(self, self.environ, dotenv)
+
+
+class DrainService(Service):
+    """
+    On stop (SIGTERM, SIGINT): mark the server draining, close every
+    WebSocket with 1001, and give them C{timeout} seconds before dropping
+    what is left.  twistd waits for the returned Deferred.
+    """
+
+    def __init__(self, factory: CollabFactory, timeout: float) -> None:
+        self.factory = factory
+        self.timeout = timeout
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        f = self.factory
+        f.draining = True
+        log.info("shutting down: closing {n} connections", n=len(f.connections))
+        done = f.when_empty()
+        f.close_all()
+        if not done.called:
+            timer = f.clock.callLater(self.timeout, f.abort_all)
+            done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return done
+
+
+def build_factory(config: Config, reactor: Any) -> CollabFactory:
+    """The registry, the bus and the WebSocket factory that holds them."""
+    registry = RoomRegistry(reactor, config.presence_window_seconds)
+    bus = LocalBus(registry)
+    return CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """Build the server's service tree from parsed L{Options}."""
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = options.config()
+    except ConfigError as e:
+        # One line naming the variable, as twistd users expect from a bad flag.
+        raise SystemExit(f"happyrobot-ws: {e}") from None
+    logs.set_level(config.log_level)
+    factory = build_factory(config, reactor)
+    service = MultiService()
+    endpoint = serverFromString(reactor, config.port)
+    StreamServerEndpointService(endpoint, make_site(factory)).setServiceParent(service)
+    DrainService(factory, config.shutdown_timeout_seconds).setServiceParent(service)
+    service.factory = factory  # type: ignore[attr-defined]
+    if config.production and "*" in config.allowed_origins:
+        log.warn("ALLOWED_ORIGINS is * in production: any web site may open WebSockets here")
+    log.info(
+        "happyrobot-ws on {port} ({env}), origins {origins}",
+        port=config.port,
+        env=config.node_env,
+        origins=",".join(config.allowed_origins),
+    )
+    return service

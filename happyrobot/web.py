@@ -1,0 +1,233 @@
+"""
+The HTTP side, on the same port as the WebSocket: ``/ws`` (Autobahn's
+L{WebSocketResource} behind an Origin check), ``GET /health``,
+``GET /stats`` and ``POST /broadcast``, with CORS headers for the allowed
+origins and JSON bodies for every reply, errors included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from happyrobot import logs, messages
+from happyrobot.framing import text_frame
+from happyrobot.ws import CollabFactory
+
+log = logs.get_logger(__name__)
+
+_PREFLIGHT_METHODS = b"GET,HEAD,PUT,PATCH,POST,DELETE"
+
+
+def _json(request: Request, code: int, body: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return messages.dumps(body)
+
+
+def _cors(request: Request, factory: CollabFactory) -> None:
+    """The headers the original's ``cors`` middleware set."""
+    request.setHeader(b"vary", b"Origin")
+    origin = request.getHeader(b"origin")
+    if origin and factory.config.origin_allowed(origin.decode("latin-1")):
+        request.setHeader(b"access-control-allow-origin", origin)
+        request.setHeader(b"access-control-allow-credentials", b"true")
+
+
+class _JsonEndpoint(Resource):
+    """
+    A leaf answering JSON, with CORS, an ``OPTIONS`` preflight and a JSON
+    405 for methods it has no C{json_<METHOD>} for.
+    """
+
+    isLeaf = True
+
+    def __init__(self, factory: CollabFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def render(self, request: Request) -> bytes | int:
+        _cors(request, self.factory)
+        if any(request.postpath):  # /health/anything: not ours
+            return _json(request, 404, {"error": "Not found"})
+        method = request.method.decode("ascii", "replace")
+        if method == "OPTIONS":
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-methods", _PREFLIGHT_METHODS)
+            wanted = request.getHeader(b"access-control-request-headers")
+            if wanted:
+                request.setHeader(b"access-control-allow-headers", wanted)
+            request.setHeader(b"content-length", b"0")
+            return b""
+        handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
+        if handler is None:
+            allowed = sorted(n[5:] for n in dir(self) if n.startswith("json_"))
+            request.setHeader(b"allow", ", ".join(allowed + ["OPTIONS"]).encode())
+            return _json(request, 405, {"error": f"Method {method} not allowed"})
+        return handler(request)
+
+
+class NotFound(_JsonEndpoint):
+    """Every path the server does not serve, whatever the method."""
+
+    def render(self, request: Request) -> bytes | int:
+        _cors(request, self.factory)
+        return _json(request, 404, {"error": "Not found"})
+
+
+class Health(_JsonEndpoint):
+    """``GET /health``: 200 while serving, 503 while draining or degraded."""
+
+    def json_GET(self, request: Request) -> bytes:
+        f = self.factory
+        now = f.clock.seconds()
+        body: dict[str, Any] = {
+            "status": "healthy",
+            "timestamp": int(now * 1000),
+            "clients": len(f.connections),
+            "projects": len(f.registry),
+            "uptime": round(now - f.started_at, 3),
+        }
+        if f.draining:
+            body.update(status="draining", reason="the server is shutting down")
+        elif not f.bus.healthy:
+            body.update(status="degraded", reason="the message bus is unreachable")
+        return _json(request, 200 if body["status"] == "healthy" else 503, body)
+
+
+class Stats(_JsonEndpoint):
+    """``GET /stats``: connections and rooms with their client ids."""
+
+    def json_GET(self, request: Request) -> bytes:
+        rooms = self.factory.registry.snapshot()
+        return _json(
+            request,
+            200,
+            {
+                "totalClients": len(self.factory.connections),
+                "totalProjects": len(rooms),
+                "projectStats": {
+                    pid: {"clientCount": len(ids), "clients": ids} for pid, ids in rooms.items()
+                },
+            },
+        )
+
+
+class BroadcastEndpoint(_JsonEndpoint):
+    """``POST /broadcast``: the back end publishes into a room."""
+
+    def json_POST(self, request: Request) -> bytes:
+        if getattr(request, "body_too_large", False):
+            limit = self.factory.config.max_broadcast_bytes
+            return _json(request, 413, {"error": f"Body larger than {limit} bytes"})
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            return _json(request, 415, {"error": "Content-Type must be application/json"})
+        try:
+            event = messages.parse_broadcast(request.content.read())
+        except messages.BroadcastError as e:
+            return _json(request, 400, {"error": str(e)})
+        f = self.factory
+        now_ms = int(f.clock.seconds() * 1000)
+        f.bus.publish(event.project_id, text_frame(messages.broadcast(event, now_ms)))
+        return _json(
+            request,
+            200,
+            {
+                "success": True,
+                "message": "Broadcast sent",
+                "projectId": event.project_id,
+                "clientCount": f.registry.member_count(event.project_id),
+            },
+        )
+
+
+class OriginCheckedWebSocket(WebSocketResource):
+    """
+    ``/ws``: refuses a browser handshake from an origin that is not allowed
+    with 403 before any protocol object exists (the defence against
+    cross-site WebSocket hijacking).  No ``Origin`` header means a
+    non-browser client, such as the back end, and is let through.
+    """
+
+    def __init__(self, factory: CollabFactory) -> None:
+        super().__init__(factory)
+        self.factory = factory
+
+    def render(self, request: Request) -> bytes | int:
+        origin = request.getHeader(b"origin")
+        if origin is not None and not self.factory.config.origin_allowed(
+            origin.decode("latin-1")
+        ):
+            log.warn("refused a WebSocket handshake from a disallowed origin")
+            return _json(request, 403, {"error": "Origin not allowed"})
+        if self.factory.draining:
+            return _json(request, 503, {"error": "Server is shutting down"})
+        return super().render(request)  # type: ignore[no-any-return]
+
+
+class Root(Resource):
+    """The resource tree: known children, JSON 404 for everything else."""
+
+    def __init__(self, factory: CollabFactory) -> None:
+        super().__init__()
+        self._not_found = NotFound(factory)
+        self.putChild(b"ws", OriginCheckedWebSocket(factory))
+        self.putChild(b"health", Health(factory))
+        self.putChild(b"stats", Stats(factory))
+        self.putChild(b"broadcast", BroadcastEndpoint(factory))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self._not_found
+
+    def render(self, request: Request) -> bytes | int:
+        return self._not_found.render(request)
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body is dropped past the site's limit, so a huge POST
+    costs no memory or disk; the resource then answers 413.
+    """
+
+    body_too_large = False
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body_bytes:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class QuietSite(Site):
+    """A Site that access-logs at debug only, and never ``/health`` probes."""
+
+    requestFactory = BoundedRequest
+
+    def __init__(self, resource: Resource, max_body_bytes: int) -> None:
+        super().__init__(resource)
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request: Request) -> None:
+        if logs.debug_enabled() and request.path != b"/health":
+            log.debug(
+                "{method} {path} {code}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+                code=request.code,
+            )
+
+
+def make_site(factory: CollabFactory) -> Site:
+    """The whole HTTP + WebSocket site around a L{CollabFactory}."""
+    return QuietSite(Root(factory), factory.config.max_broadcast_bytes)
+

@@ -1,0 +1,235 @@
+"""
+Test helpers: a real server on a loopback port, real Autobahn WebSocket
+clients that hand out received frames as Deferreds, HTTP calls with treq,
+and launchers for ``twistd`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import replace
+from typing import Any
+
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from happyrobot.config import Config
+from happyrobot.tap import build_factory
+from happyrobot.web import make_site
+from happyrobot.ws import CollabFactory
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORIGIN = "http://localhost:3000"
+
+
+class Client(WebSocketClientProtocol):
+    """A WebSocket client whose received messages queue up as decoded JSON."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: DeferredQueue[Any] = DeferredQueue()
+        self.opened: Deferred[Client] = Deferred()
+        self.closed: Deferred[int | None] = Deferred()
+        self.close_code: int | None = None
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+        if not self.closed.called:
+            self.closed.callback(code)
+
+    def send_json(self, obj: Any) -> None:
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+    def next(self) -> Deferred[Any]:
+        """The next message received (already received or still to come)."""
+        return self.frames.get()
+
+    def next_of(self, kind: str) -> Deferred[dict[str, Any]]:
+        """The next message of type C{kind}, skipping any other."""
+
+        async def find() -> dict[str, Any]:
+            while True:
+                msg = await self.next()
+                if msg.get("type") == kind:
+                    return msg  # type: ignore[no-any-return]
+
+        return Deferred.fromCoroutine(find())
+
+    def pending(self) -> list[Any]:
+        """Messages received and not yet taken."""
+        return list(self.frames.pending)
+
+
+class ServerTestCase(TestCase):
+    """A trial case with a real server listening on 127.0.0.1 and real clients."""
+
+    timeout = 10
+
+    def start_server(self, **overrides: Any) -> CollabFactory:
+        """Listen on a free loopback port; everything is torn down in cleanup."""
+        config = replace(
+            Config(presence_window_seconds=0.0, ping_interval_seconds=0.0), **overrides
+        )
+        self.factory = build_factory(config, reactor)
+        self.site = make_site(self.factory)
+        self._clients: list[Client] = []
+        d = serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.site)
+        self.port = self.successResultOf(d)
+        self.port_number = self.port.getHost().port
+        self.addCleanup(self._stop)
+        return self.factory
+
+    async def _stop(self) -> None:
+        for c in self._clients:
+            if c.state != WebSocketClientProtocol.STATE_CLOSED:
+                c.dropConnection(abort=True)
+        for c in self._clients:
+            await c.closed
+        await self.factory.when_empty()
+        await self.port.stopListening()
+        cancel_txaio_buckets()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port_number}{path}"
+
+    async def connect(
+        self, origin: str | None = ORIGIN, path: str = "/ws", expect_open: bool = True
+    ) -> Client:
+        """A connected client; with C{expect_open}, past CONNECTION_ESTABLISHED."""
+        factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:{self.port_number}{path}", origin=origin
+        )
+        factory.protocol = Client
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number)
+        client: Client = await endpoint.connect(factory)
+        self._clients.append(client)
+        if expect_open:
+            await client.opened
+            hello = await client.next()
+            assert hello["type"] == "CONNECTION_ESTABLISHED", hello
+            client.client_id = hello["clientId"]  # type: ignore[attr-defined]
+        return client
+
+    async def joined(self, project_id: str, user_id: str, **user_info: str) -> Client:
+        """A client that has set its user and joined C{project_id}."""
+        c = await self.connect()
+        c.send_json({"type": "SET_USER", "payload": {"userId": user_id, "userInfo": user_info}})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": project_id})
+        await c.next_of("USER_PRESENCE")
+        return c
+
+    async def round_trip(self, client: Client) -> list[Any]:
+        """
+        Wait until the server has handled everything C{client} sent so far
+        (an unknown type is answered after all earlier frames) and return
+        the messages that arrived before that answer.
+        """
+        client.send_json({"type": "SYNC_PROBE"})
+        seen = []
+        while True:
+            msg = await client.next()
+            if msg.get("type") == "ERROR" and msg.get("code") == "UNKNOWN_TYPE":
+                return seen
+            seen.append(msg)
+
+    async def http(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
+        """Send an HTTP request; return (status, decoded JSON or None, response headers)."""
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        hdrs = {"content-type": "application/json"} if body is not None else {}
+        hdrs.update(headers or {})
+        response = await treq.request(
+            method, self.url(path), data=data, headers=hdrs,
+            pool=HTTPConnectionPool(reactor, persistent=False),
+        )
+        content = await response.content()
+        try:
+            decoded = json.loads(content) if content else None
+        except ValueError:
+            decoded = content
+        return response.code, decoded, response.headers
+
+
+def cancel_txaio_buckets() -> None:
+    """
+    Autobahn schedules its handshake timeouts through txaio's batched timer,
+    whose bucket DelayedCall stays on the reactor after every timer in it
+    was cancelled.  Once a test's connections are all closed those buckets
+    hold nothing live; cancel them so that trial's dirty-reactor check
+    looks at our own calls only.
+    """
+    for call in reactor.getDelayedCalls():
+        if getattr(call.func, "__name__", "") == "_notify_bucket":
+            call.cancel()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bind to 0, read, close)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LineCollector(ProcessProtocol):
+    """Collects a child's output and fires Deferreds on lines and exit."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int | None] = Deferred()
+        self._watch: list[tuple[bytes, Deferred[bytes]]] = []
+
+    def wait_for(self, needle: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self._watch.append((needle, d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        for item in list(self._watch):
+            needle, d = item
+            if needle in self.output:
+                self._watch.remove(item)
+                d.callback(self.output)
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> tuple[LineCollector, Any]:
+    """Start ``twistd -n --pidfile= happyrobot-ws ARGS`` from the checkout."""
+    proto = LineCollector()
+    child_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": REPO_ROOT,
+        "HOME": os.environ.get("HOME", "/tmp"),
+    }
+    child_env.update(env or {})
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "happyrobot-ws", *args]
+    transport = reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=REPO_ROOT)
+    return proto, transport
+

@@ -1,0 +1,344 @@
+"""
+Protocol tests: real Autobahn clients over loopback against a listening
+server, for every message type and every error path of the WebSocket.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import gatherResults
+
+from happyrobot.messages import RELAYED_TYPES
+from tests.helpers import Client, ServerTestCase
+
+
+class ConnectionTests(ServerTestCase):
+    """Opening a WebSocket and being greeted."""
+
+    async def test_established_with_unique_client_ids(self) -> None:
+        """Each connection is greeted with its own clientId and a millisecond timestamp."""
+        self.start_server()
+        a = await self.connect()
+        b = await self.connect()
+        self.assertNotEqual(a.client_id, b.client_id)
+        self.assertTrue(a.client_id.startswith("client_"))
+        self.assertEqual(len(self.factory.connections), 2)
+
+    async def test_disallowed_origin_refused_before_protocol(self) -> None:
+        """A browser Origin outside ALLOWED_ORIGINS gets 403 and no connection is created."""
+        self.start_server()
+        c = await self.connect(origin="http://evil.example", expect_open=False)
+        await self.assertFailure(c.opened, ConnectionError)
+        self.assertEqual(self.factory.connections, {})
+        ok = await self.connect(origin="http://localhost:3000")
+        self.assertTrue(ok.client_id)
+
+    async def test_no_origin_is_allowed(self) -> None:
+        """A client without an Origin header (a back-end service) may connect."""
+        self.start_server()
+        c = await self.connect(origin=None)
+        self.assertTrue(c.client_id)
+
+    async def test_star_allows_any_origin(self) -> None:
+        """ALLOWED_ORIGINS=* lets any browser origin connect."""
+        self.start_server(allowed_origins=("*",))
+        c = await self.connect(origin="http://anywhere.example")
+        self.assertTrue(c.client_id)
+
+    async def test_disconnect_leaves_rooms_and_updates_presence(self) -> None:
+        """Closing the socket leaves every room; the others get USER_PRESENCE without it."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        await a.next_of("USER_PRESENCE")  # b's arrival
+        b.sendClose(1000)
+        await b.closed
+        msg = await a.next_of("USER_PRESENCE")
+        self.assertEqual([u["userId"] for u in msg["payload"]["activeUsers"]], ["user_a"])
+        a.sendClose(1000)
+        await a.closed
+        await self.factory.when_empty()
+        self.assertEqual(len(self.factory.registry), 0)
+
+
+class PresenceTests(ServerTestCase):
+    """SET_USER, JOIN_PROJECT, LEAVE_PROJECT and USER_PRESENCE."""
+
+    async def test_join_sends_presence_to_every_member(self) -> None:
+        """After a join the joiner and the members all get the full list with initials."""
+        self.start_server()
+        a = await self.joined("p1", "user_a", firstName="Ann", lastName="Lee")
+        b = await self.connect()
+        b.send_json({"type": "SET_USER", "payload": {"userId": "user_b",
+                                                     "userInfo": {"name": "Bob"}}})
+        b.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        for client in (a, b):
+            msg = await client.next_of("USER_PRESENCE")
+            payload = msg["payload"]
+            self.assertEqual(payload["projectId"], "p1")
+            self.assertEqual(payload["userCount"], 2)
+            users = {u["userId"]: u for u in payload["activeUsers"]}
+            self.assertEqual(users["user_a"]["initials"], "AL")
+            self.assertEqual(users["user_b"]["initials"], "B")
+            self.assertEqual(users["user_b"]["clientId"], b.client_id)
+            self.assertIsInstance(users["user_b"]["joinedAt"], int)
+            self.assertTrue(msg["operationId"].startswith("presence-"))
+
+    async def test_join_with_user_id_sets_the_user(self) -> None:
+        """A userId on JOIN_PROJECT identifies the client as SET_USER would."""
+        self.start_server()
+        c = await self.connect()
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_2xyz"})
+        msg = await c.next_of("USER_PRESENCE")
+        self.assertEqual(msg["payload"]["activeUsers"][0]["userId"], "user_2xyz")
+        self.assertEqual(msg["payload"]["activeUsers"][0]["initials"], "YZ")
+
+    async def test_top_level_user_id_in_set_user(self) -> None:
+        """SET_USER accepts a top-level userId."""
+        self.start_server()
+        c = await self.connect()
+        c.send_json({"type": "SET_USER", "userId": "user_top"})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        msg = await c.next_of("USER_PRESENCE")
+        self.assertEqual(msg["payload"]["activeUsers"][0]["userId"], "user_top")
+
+    async def test_anonymous_join_refused(self) -> None:
+        """JOIN_PROJECT before any user id is refused with NOT_IDENTIFIED and joins nothing."""
+        self.start_server()
+        c = await self.connect()
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        msg = await c.next()
+        self.assertEqual((msg["type"], msg["code"]), ("ERROR", "NOT_IDENTIFIED"))
+        self.assertNotIn("p1", self.factory.registry)
+
+    async def test_set_user_change_updates_presence(self) -> None:
+        """A new SET_USER re-announces presence in every room of the connection."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p2"})
+        await a.next_of("USER_PRESENCE")
+        a.send_json({"type": "SET_USER", "payload": {"userId": "user_a",
+                                                     "userInfo": {"email": "zed@x.io"}}})
+        seen = {}
+        for _ in range(2):
+            msg = await a.next_of("USER_PRESENCE")
+            seen[msg["payload"]["projectId"]] = msg["payload"]["activeUsers"][0]["initials"]
+        self.assertEqual(seen, {"p1": "ZE", "p2": "ZE"})
+
+    async def test_leave_updates_presence_and_removes_empty_room(self) -> None:
+        """LEAVE_PROJECT tells the others; the last leave removes the room."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        await a.next_of("USER_PRESENCE")
+        b.send_json({"type": "LEAVE_PROJECT", "projectId": "p1"})
+        msg = await a.next_of("USER_PRESENCE")
+        self.assertEqual(msg["payload"]["userCount"], 1)
+        a.send_json({"type": "LEAVE_PROJECT", "projectId": "p1"})
+        await self.round_trip(a)
+        self.assertNotIn("p1", self.factory.registry)
+
+    async def test_leave_twice_is_harmless(self) -> None:
+        """Leaving a room one is not in answers nothing and changes nothing."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "LEAVE_PROJECT", "projectId": "p9"})
+        self.assertEqual(await self.round_trip(a), [])
+        self.assertEqual(self.factory.registry.member_count("p1"), 1)
+
+
+class RelayTests(ServerTestCase):
+    """The seven relayed event types."""
+
+    async def test_relay_reaches_others_not_sender(self) -> None:
+        """A TASK_UPDATE reaches every other member, and never the sender."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        c = await self.joined("p1", "user_c")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1",
+                     "payload": {"id": "t1", "title": "New"}, "operationId": "op-789"})
+        for client in (b, c):
+            msg = await client.next_of("TASK_UPDATE")
+            self.assertEqual(msg["payload"], {"id": "t1", "title": "New"})
+            self.assertEqual(msg["operationId"], "op-789")
+            self.assertEqual(msg["projectId"], "p1")
+            self.assertIsInstance(msg["timestamp"], int)
+            self.assertNotIn("userId", msg)
+        before = await self.round_trip(a)
+        self.assertNotIn("TASK_UPDATE", [m["type"] for m in before])
+
+    async def test_every_relayed_type(self) -> None:
+        """All seven relayed types are delivered, in the order sent."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        kinds = sorted(RELAYED_TYPES)
+        for kind in kinds:
+            a.send_json({"type": kind, "projectId": "p1", "payload": {"k": kind}})
+        got = []
+        while len(got) < len(kinds):
+            msg = await b.next()
+            if msg["type"] != "USER_PRESENCE":
+                got.append(msg["payload"]["k"])
+        self.assertEqual(got, kinds)
+
+    async def test_same_user_other_tab_receives(self) -> None:
+        """Another connection of the same user receives the relayed event."""
+        self.start_server()
+        tab1 = await self.joined("p1", "user_a")
+        tab2 = await self.joined("p1", "user_a")
+        tab1.send_json({"type": "COMMENT_CREATE", "projectId": "p1", "payload": {"id": "c1"}})
+        msg = await tab2.next_of("COMMENT_CREATE")
+        self.assertEqual(msg["payload"], {"id": "c1"})
+
+    async def test_rooms_are_isolated(self) -> None:
+        """Events in one room never reach the members of another."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p2"})
+        await a.next_of("USER_PRESENCE")
+        b = await self.joined("p2", "user_b")
+        outsider = await self.joined("p3", "user_c")
+        a.send_json({"type": "TASK_CREATE", "projectId": "p2", "payload": {"n": 1}})
+        msg = await b.next_of("TASK_CREATE")
+        self.assertEqual(msg["projectId"], "p2")
+        self.assertEqual([m["type"] for m in await self.round_trip(outsider)], [])
+
+    async def test_relay_into_unjoined_room_refused(self) -> None:
+        """An event into a room the sender is not in gets NOT_IN_PROJECT and reaches no one."""
+        self.start_server()
+        member = await self.joined("p1", "user_a")
+        intruder = await self.joined("p2", "user_b")
+        intruder.send_json({"type": "TASK_DELETE", "projectId": "p1",
+                            "payload": {"id": "t1"}, "operationId": "op-1"})
+        err = await intruder.next_of("ERROR")
+        self.assertEqual(err["code"], "NOT_IN_PROJECT")
+        self.assertEqual(err["operationId"], "op-1")
+        self.assertEqual(await self.round_trip(member), [])
+
+    async def test_relay_after_leave_refused(self) -> None:
+        """After LEAVE_PROJECT the room no longer accepts the client's events."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        a.send_json({"type": "LEAVE_PROJECT", "projectId": "p1"})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {}})
+        err = await a.next_of("ERROR")
+        self.assertEqual(err["code"], "NOT_IN_PROJECT")
+        seen = await self.round_trip(b)
+        self.assertNotIn("TASK_UPDATE", [m["type"] for m in seen])
+
+
+class ErrorTests(ServerTestCase):
+    """Bad frames get an ERROR, the connection stays usable, others never notice."""
+
+    async def assert_error(self, client: Client, frame: bytes, code: str,
+                           binary: bool = False) -> None:
+        client.sendMessage(frame, isBinary=binary)
+        msg = await client.next()
+        self.assertEqual((msg["type"], msg["code"]), ("ERROR", code))
+        self.assertIsInstance(msg["error"], str)
+
+    async def test_error_codes(self) -> None:
+        """Each kind of bad frame gets its stable code and the connection keeps working."""
+        self.start_server()
+        c = await self.joined("p1", "user_a")
+        cases = [
+            (b"{not json", "INVALID_JSON"),
+            (b"[1, 2]", "INVALID_MESSAGE"),
+            (b'{"no": "type"}', "INVALID_MESSAGE"),
+            (b'{"type": "NOPE"}', "UNKNOWN_TYPE"),
+            (b'{"type": "TASK_UPDATE", "payload": {}}', "MISSING_PROJECT_ID"),
+            (b'{"type": "TASK_UPDATE", "projectId": 5}', "INVALID_PROJECT_ID"),
+            (b'{"type": "TASK_UPDATE", "projectId": "p1", "payload": [1]}', "INVALID_PAYLOAD"),
+            (b'{"type": "SET_USER", "payload": {"userId": 42}}', "INVALID_USER_ID"),
+            (json.dumps({"type": "SET_USER", "userId": "u" * 5000}).encode(), "INVALID_USER_ID"),
+            (b'{"type": "SET_USER", "payload": {"userId": "u", "userInfo": {"name": 1}}}',
+             "INVALID_USER_INFO"),
+            (b'{"type": "SET_USER", "payload": {}}', "MISSING_USER_ID"),
+        ]
+        for frame, code in cases:
+            await self.assert_error(c, frame, code)
+        await self.assert_error(c, b"\x00\x01", "BINARY_NOT_SUPPORTED", binary=True)
+        other = await self.joined("p1", "user_b")
+        c.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"ok": True}})
+        msg = await other.next_of("TASK_UPDATE")
+        self.assertEqual(msg["payload"], {"ok": True})
+
+    async def test_bad_user_id_never_reaches_presence(self) -> None:
+        """A numeric user id is refused, so presence keeps only valid users."""
+        self.start_server()
+        c = await self.connect()
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": 12345})
+        err = await c.next()
+        self.assertEqual(err["code"], "INVALID_USER_ID")
+        self.assertNotIn("p1", self.factory.registry)
+
+    async def test_oversize_message_closes_1009(self) -> None:
+        """A message over MAX_MESSAGE_BYTES closes that socket with 1009; others carry on."""
+        self.start_server(max_message_bytes=1024)
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        big = await self.joined("p1", "user_big")
+        big.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"x": "y" * 4096}})
+        code = await big.closed
+        self.assertEqual(code, 1009)
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"after": 1}})
+        msg = await b.next_of("TASK_UPDATE")
+        self.assertEqual(msg["payload"], {"after": 1})
+
+    async def test_malformed_burst_harms_no_one(self) -> None:
+        """A burst of garbage from one client loses nothing between two others."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        bad = await self.joined("p1", "user_bad")
+        garbage = [b"{", b"[" * 5000 + b"]" * 5000, b'{"type": 1e999}',
+                   b'{"type":"TASK_UPDATE","projectId":"p1","payload":' + b"9" * 1000 + b"}",
+                   b'"string"', b"null"]
+        for i in range(100):
+            bad.sendMessage(garbage[i % len(garbage)], isBinary=(i % 10 == 0))
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i}})
+        got = []
+        while len(got) < 100:
+            msg = await b.next()
+            if msg["type"] == "TASK_UPDATE":
+                got.append(msg["payload"]["i"])
+        self.assertEqual(got, list(range(100)))
+        self.assertIn(bad.client_id, self.factory.connections)
+
+
+    async def test_invalid_utf8_closes_1007(self) -> None:
+        """A text frame that is not UTF-8 fails that connection with 1007; others carry on."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        bad = await self.joined("p1", "user_bad")
+        bad.sendMessage(b"\xff\xfe{}", isBinary=False)
+        self.assertEqual(await bad.closed, 1007)
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"after": 1}})
+        msg = await b.next_of("TASK_UPDATE")
+        self.assertEqual(msg["payload"], {"after": 1})
+
+
+class BroadcastDeliveryTests(ServerTestCase):
+    """POST /broadcast as the members see it."""
+
+    async def test_broadcast_reaches_every_member_with_user_id(self) -> None:
+        """Every member, the acting user's tabs included, gets the event with userId kept."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        code, body, _ = await self.http("POST", "/broadcast", {
+            "type": "PROJECT_DELETE", "projectId": "p1", "payload": {"id": "p1"},
+            "userId": "user_a"})
+        self.assertEqual(code, 200)
+        self.assertEqual(body, {"success": True, "message": "Broadcast sent",
+                                "projectId": "p1", "clientCount": 2})
+        msgs = await gatherResults([a.next_of("PROJECT_DELETE"), b.next_of("PROJECT_DELETE")])
+        for msg in msgs:
+            self.assertEqual(msg["userId"], "user_a")
+            self.assertEqual(msg["payload"], {"id": "p1"})
+            self.assertTrue(msg["operationId"].startswith("broadcast-"))
