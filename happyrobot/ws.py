@@ -180,8 +180,10 @@ class CollabFactory(WebSocketServerFactory):
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Server shutting down") -> None:
         """Start a clean close of every open WebSocket."""
+        # sendClose() only lets applications use 1000 and 3000-4999; the
+        # protocol codes (1001 going away, 1008, 1013) go through sendCloseFrame.
         for proto in list(self.connections.values()):
-            proto.sendClose(code, reason)
+            proto.sendCloseFrame(code, reason.encode("utf-8"))
 
     def abort_all(self) -> None:
         """Drop every connection still open, without a closing handshake."""

@@ -193,7 +193,9 @@ class LineCollector(ProcessProtocol):
 
     def __init__(self) -> None:
         self.output = b""
+        #: Fires with the exit code (None when a signal ended the process).
         self.ended: Deferred[int | None] = Deferred()
+        self.signal: int | None = None
         self._watch: list[tuple[bytes, Deferred[bytes]]] = []
 
     def wait_for(self, needle: bytes) -> Deferred[bytes]:
@@ -216,6 +218,7 @@ class LineCollector(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Any) -> None:
+        self.signal = getattr(reason.value, "signal", None)
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
 

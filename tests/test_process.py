@@ -1,0 +1,60 @@
+"""
+End-to-end: ``twistd -n happyrobot-ws`` as a separate process, talked to
+over loopback, then stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from tests.helpers import ORIGIN, Client, ServerTestCase, spawn_twistd
+
+
+class TwistdProcessTests(ServerTestCase):
+    """The real plugin in a real process."""
+
+    timeout = 30
+
+    async def test_serve_then_sigterm_closes_1001_and_exits(self) -> None:
+        """The process serves WebSockets and HTTP, and on SIGTERM closes with 1001 and exits."""
+        proc, transport = spawn_twistd(["--port", "tcp:0:interface=127.0.0.1", "--env-file="])
+        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+        output = await proc.wait_for(b"starting on ")
+        match = re.search(rb"starting on (\d+)", output)
+        assert match is not None
+        self.port_number = int(match.group(1))
+        code, body, _ = await self.http("GET", "/health")
+        self.assertEqual((code, body["status"]), (200, "healthy"))
+
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port_number}/ws", origin=ORIGIN)
+        factory.protocol = Client
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number)
+        client: Client = await endpoint.connect(factory)
+        await client.opened
+        hello = await client.next()
+        self.assertEqual(hello["type"], "CONNECTION_ESTABLISHED")
+        client.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_a"})
+        presence = await client.next_of("USER_PRESENCE")
+        self.assertEqual(presence["payload"]["userCount"], 1)
+
+        transport.signalProcess("TERM")
+        self.assertEqual(await client.closed, 1001)
+        # twistd finishes its shutdown, then re-raises the signal it got so
+        # that the exit status says "terminated by SIGTERM".
+        code = await proc.ended
+        self.assertEqual((code, proc.signal), (None, signal.SIGTERM))
+        self.assertIn(b"shutting down: closing 1 connections", proc.output)
+        self.assertIn(b"Main loop terminated", proc.output)
+        self.assertNotIn(b"Traceback", proc.output)
+
+    async def test_bad_port_exits_with_one_line(self) -> None:
+        """PORT=abc stops start-up with one line naming PORT and no traceback."""
+        proc, _ = spawn_twistd(["--env-file="], env={"PORT": "abc"})
+        self.assertEqual(await proc.ended, 1)
+        self.assertIn(b"PORT must be", proc.output)
+        self.assertNotIn(b"Traceback", proc.output)

@@ -1,0 +1,198 @@
+"""
+Tests for the twistd plugin's options and service wiring, the plugin
+itself, shutdown, and the auto-ping that drops dead peers.
+"""
+
+from __future__ import annotations
+
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.plugin import getPlugins
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot import logs
+from happyrobot.config import Config
+from happyrobot.tap import Options, build_factory, makeService
+from happyrobot.web import make_site
+from tests.helpers import ServerTestCase
+
+
+def options(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Options:
+    o = Options(environ=environ or {})
+    o.parseOptions(["--env-file="] + (argv or []))
+    return o
+
+
+class PluginTests(SynchronousTestCase):
+    """The twistd plugin."""
+
+    def test_plugin_registered(self) -> None:
+        """getPlugins(IServiceMaker) offers the tapname happyrobot-ws pointing at our tap."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("happyrobot-ws", makers)
+        self.assertIs(makers["happyrobot-ws"].options, Options)
+
+
+class OptionsTests(SynchronousTestCase):
+    """Options, environment and env file."""
+
+    def tearDown(self) -> None:
+        logs.set_level("info")
+
+    def test_flags_override_environment(self) -> None:
+        """A flag wins over the environment, which wins over the default."""
+        o = options(["--port", "tcp:4000", "--log-level", "debug"],
+                    {"PORT": "5000", "ALLOWED_ORIGINS": "https://a.example,https://b.example"})
+        config = o.config()
+        self.assertEqual(config.port, "tcp:4000")
+        self.assertEqual(config.log_level, "debug")
+        self.assertEqual(config.allowed_origins, ("https://a.example", "https://b.example"))
+
+    def test_env_file(self) -> None:
+        """Variables come from the env file when the environment lacks them."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("PORT=4555\nLOG_LEVEL=warn\n")
+        o = Options(environ={"LOG_LEVEL": "error"})
+        o.parseOptions(["--env-file", path])
+        config = o.config()
+        self.assertEqual((config.port, config.log_level), ("tcp:4555", "error"))
+
+    def test_bad_value_stops_with_one_line(self) -> None:
+        """A bad PORT stops makeService with a one-line message naming PORT."""
+        e = self.assertRaises(SystemExit, makeService, options(environ={"PORT": "abc"}),
+                              MemoryReactorClock())
+        self.assertIn("PORT", str(e.code))
+        self.assertNotIn("\n", str(e.code))
+        e = self.assertRaises(SystemExit, makeService,
+                              options(["--log-level", "loud"]), MemoryReactorClock())
+        self.assertIn("LOG_LEVEL", str(e.code))
+
+    def test_make_service_listens_on_port_when_started(self) -> None:
+        """makeService binds nothing until started, then listens on the configured port."""
+        reactor = MemoryReactorClock()
+        service = makeService(options(environ={"PORT": "3999"}), reactor)
+        self.assertEqual(reactor.tcpServers, [])
+        service.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 3999)
+        service.stopService()
+
+    def test_default_port(self) -> None:
+        """With nothing configured the server listens on 3001."""
+        reactor = MemoryReactorClock()
+        service = makeService(options(), reactor)
+        service.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 3001)
+        service.stopService()
+
+    def test_log_level_applied(self) -> None:
+        """LOG_LEVEL=debug turns on our debug logging; warn hides info."""
+        makeService(options(environ={"LOG_LEVEL": "debug"}), MemoryReactorClock())
+        self.assertTrue(logs.debug_enabled())
+        makeService(options(environ={"LOG_LEVEL": "warn"}), MemoryReactorClock())
+        self.assertFalse(logs.debug_enabled())
+        log = logs.get_logger("happyrobot.test")
+        with capturedLogs() as captured:
+            log.info("hidden")
+            log.warn("shown")
+        self.assertEqual([e["log_format"] for e in captured], ["shown"])
+
+    def test_star_in_production_warns(self) -> None:
+        """ALLOWED_ORIGINS=* with NODE_ENV=production logs a warning at start-up."""
+        with capturedLogs() as captured:
+            makeService(options(environ={"ALLOWED_ORIGINS": "*", "NODE_ENV": "production"}),
+                        MemoryReactorClock())
+        warnings = [e for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("ALLOWED_ORIGINS", warnings[0]["log_format"])
+
+
+class SilentClient(WebSocketClientProtocol):
+    """A client that never answers pings, like a peer that vanished."""
+
+    def onPing(self, payload: bytes) -> None:
+        pass
+
+
+class InMemoryPair:
+    """A server and a SilentClient joined by iosim on a MemoryReactorClock."""
+
+    def __init__(self, test: SynchronousTestCase, config: Config) -> None:
+        self.clock = clock = MemoryReactorClock()
+        saved = txaio.config.loop
+        txaio.config.loop = clock  # Autobahn's timers go through txaio
+        test.addCleanup(setattr, txaio.config, "loop", saved)
+        self.factory = build_factory(config, clock)
+        server = make_site(self.factory).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        client_factory = WebSocketClientFactory("ws://127.0.0.1/ws", reactor=clock)
+        client_factory.protocol = SilentClient
+        self.client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        self.pump = iosim.connect(server, iosim.makeFakeServer(server),
+                                  self.client, iosim.makeFakeClient(self.client))
+        self.pump.flush()
+
+
+class LivenessTests(SynchronousTestCase):
+    """Auto-ping drops dead peers; shutdown is bounded in time; on a fake clock."""
+
+    def test_dead_peer_dropped_and_leaves_rooms(self) -> None:
+        """A peer that does not answer pings is dropped after interval + timeout."""
+        pair = InMemoryPair(self, Config(ping_interval_seconds=30, ping_timeout_seconds=10,
+                                         presence_window_seconds=0))
+        factory, client, pump, clock = pair.factory, pair.client, pair.pump, pair.clock
+        self.assertEqual(len(factory.connections), 1)
+        client.sendMessage(b'{"type":"JOIN_PROJECT","projectId":"p1","userId":"u1"}')
+        pump.flush()
+        self.assertEqual(factory.registry.member_count("p1"), 1)
+        clock.advance(30)
+        pump.flush()
+        self.assertEqual(len(factory.connections), 1)  # ping sent, not yet overdue
+        clock.advance(10.5)
+        pump.flush()
+        clock.advance(6)  # the close handshake times out too
+        pump.flush()
+        self.assertEqual(factory.connections, {})
+        self.assertEqual(factory.registry.member_count("p1"), 0)
+
+
+    def test_shutdown_bounded_when_peer_never_closes(self) -> None:
+        """A peer that never answers the 1001 close is dropped after SHUTDOWN_TIMEOUT."""
+        from happyrobot.tap import DrainService
+
+        pair = InMemoryPair(self, Config(ping_interval_seconds=0, shutdown_timeout_seconds=3))
+        self.assertEqual(len(pair.factory.connections), 1)
+        drain = DrainService(pair.factory, timeout=3)
+        drain.startService()
+        done = drain.stopService()
+        self.assertNoResult(done)
+        pair.clock.advance(2.9)
+        self.assertNoResult(done)
+        pair.clock.advance(0.2)
+        pair.pump.flush()
+        self.assertEqual(pair.factory.connections, {})
+        self.successResultOf(done)
+
+
+class ShutdownTests(ServerTestCase):
+    """Stopping the service closes every WebSocket with 1001."""
+
+    async def test_stop_closes_with_1001_and_drains(self) -> None:
+        """On stop /health says draining and every client is closed with 1001."""
+        from happyrobot.tap import DrainService
+
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.connect()
+        drain = DrainService(self.factory, timeout=5)
+        drain.startService()
+        done = drain.stopService()
+        self.assertTrue(self.factory.draining)
+        self.assertEqual(await a.closed, 1001)
+        self.assertEqual(await b.closed, 1001)
+        await done
+        self.assertEqual(self.factory.connections, {})
