@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Mapping
+from urllib.parse import unquote, urlsplit
 
 LOG_LEVELS = ("error", "warn", "info", "debug")
 
@@ -37,6 +38,9 @@ SETTINGS = (
     Setting("LOG_LEVEL", "log-level", "info", "one of error, warn, info, debug"),
     Setting("NODE_ENV", "node-env", "development",
             "development or production (production warns about open settings)"),
+    Setting("REDIS_URL", "redis-url", "",
+            "redis://[[user]:password@]host[:port][/db] shared by every instance of "
+            "one deployment (empty: this process is the whole deployment)"),
     Setting("MAX_MESSAGE_BYTES", "max-message-bytes", "65536",
             "largest WebSocket message accepted; larger ones close the socket with 1009"),
     Setting("MAX_BROADCAST_BYTES", "max-broadcast-bytes", "1048576",
@@ -51,6 +55,23 @@ SETTINGS = (
             "seconds a client has to finish the WebSocket opening handshake"),
     Setting("SHUTDOWN_TIMEOUT", "shutdown-timeout", "10",
             "seconds to wait for WebSockets to close on SIGTERM before exiting"),
+    Setting("API_TOKEN", "api-token", "",
+            "bearer token required by POST /broadcast and /stats (empty: open)"),
+    Setting("RATE_LIMIT_PER_SECOND", "rate-limit-per-second", "100",
+            "messages a second one connection may send, sustained (0 = no limit)"),
+    Setting("RATE_LIMIT_BURST", "rate-limit-burst", "200",
+            "messages one connection may send in a burst; a client that keeps "
+            "sending past it while limited is closed with 1008"),
+    Setting("MAX_ROOMS_PER_CONNECTION", "max-rooms-per-connection", "100",
+            "rooms one connection may be in at once (0 = no limit)"),
+    Setting("MAX_CONNECTIONS", "max-connections", "20000",
+            "open WebSockets in total (0 = no limit); more are refused with 503"),
+    Setting("MAX_CONNECTIONS_PER_IP", "max-connections-per-ip", "1000",
+            "open WebSockets per client address (0 = no limit); more get 429"),
+    Setting("TRUST_PROXY", "trust-proxy", "false",
+            "true behind a reverse proxy: count clients by X-Forwarded-For"),
+    Setting("MAX_BUFFER_BYTES", "max-buffer-bytes", "1048576",
+            "bytes queued for a client that stops reading before it is closed with 1013"),
 )
 
 
@@ -62,6 +83,7 @@ class Config:
     allowed_origins: tuple[str, ...] = ("http://localhost:3000",)
     log_level: str = "info"
     node_env: str = "development"
+    redis_url: str | None = None
     max_message_bytes: int = 65536
     max_broadcast_bytes: int = 1048576
     presence_window_seconds: float = 0.05
@@ -69,6 +91,14 @@ class Config:
     ping_timeout_seconds: float = 10.0
     handshake_timeout_seconds: float = 10.0
     shutdown_timeout_seconds: float = 10.0
+    api_token: str = ""
+    rate_limit_per_second: float = 100.0
+    rate_limit_burst: int = 200
+    max_rooms_per_connection: int = 100
+    max_connections: int = 20000
+    max_connections_per_ip: int = 1000
+    trust_proxy: bool = False
+    max_buffer_bytes: int = 1048576
 
     @property
     def production(self) -> bool:
@@ -133,6 +163,50 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where a C{REDIS_URL} points: host, port, database and credentials."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def redis_address(url: str) -> RedisAddress:
+    """
+    Parse C{redis://[[user]:password@]host[:port][/db]}.
+
+    @raise ConfigError: naming REDIS_URL when C{url} is not of that form.
+    """
+    parts = urlsplit(url.strip())
+    try:
+        port = parts.port or 6379
+        db_text = parts.path.lstrip("/")
+        db = int(db_text) if db_text else 0
+    except ValueError:
+        port = db = -1
+    if parts.scheme != "redis" or not parts.hostname or port < 0 or db < 0:
+        raise ConfigError("REDIS_URL must look like redis://host:6379/0, got "
+                          f"{parts.scheme or '?'}://{parts.hostname or '?'}...")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def _redis_url(value: str) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    redis_address(value)
+    return value
+
+
 def _log_level(value: str) -> str:
     level = value.strip().lower()
     if level == "warning":
@@ -142,11 +216,25 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _bool(env: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{env} must be true or false, got {value!r}")
+
+
+def _count(env: str) -> Callable[[str], int]:
+    return lambda v: int(_number(env, v, 0, True))
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "PORT": ("port", _port),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins),
     "LOG_LEVEL": ("log_level", _log_level),
     "NODE_ENV": ("node_env", lambda v: v.strip() or "development"),
+    "REDIS_URL": ("redis_url", _redis_url),
     "MAX_MESSAGE_BYTES": ("max_message_bytes",
                           lambda v: int(_number("MAX_MESSAGE_BYTES", v, 128, True))),
     "MAX_BROADCAST_BYTES": ("max_broadcast_bytes",
@@ -159,6 +247,16 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
                           lambda v: _number("HANDSHAKE_TIMEOUT", v, 0.1)),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout_seconds",
                          lambda v: _number("SHUTDOWN_TIMEOUT", v, 0)),
+    "API_TOKEN": ("api_token", str.strip),
+    "RATE_LIMIT_PER_SECOND": ("rate_limit_per_second",
+                              lambda v: _number("RATE_LIMIT_PER_SECOND", v, 0)),
+    "RATE_LIMIT_BURST": ("rate_limit_burst", lambda v: int(_number("RATE_LIMIT_BURST", v, 1, True))),
+    "MAX_ROOMS_PER_CONNECTION": ("max_rooms_per_connection", _count("MAX_ROOMS_PER_CONNECTION")),
+    "MAX_CONNECTIONS": ("max_connections", _count("MAX_CONNECTIONS")),
+    "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _count("MAX_CONNECTIONS_PER_IP")),
+    "TRUST_PROXY": ("trust_proxy", lambda v: _bool("TRUST_PROXY", v)),
+    "MAX_BUFFER_BYTES": ("max_buffer_bytes",
+                         lambda v: int(_number("MAX_BUFFER_BYTES", v, 1024, True))),
 }
 
 

@@ -37,6 +37,9 @@ MAX_OPERATION_ID_CHARS = 256
 MAX_USER_INFO_KEYS = 32
 MAX_USER_INFO_KEY_CHARS = 64
 MAX_USER_INFO_VALUE_CHARS = 256
+#: Deepest nesting accepted in a message (orjson refuses to write deeper
+#: than 254 levels, so an accepted event must stay well below that).
+MAX_DEPTH = 64
 #: The userInfo fields the server keeps; presence only needs them for initials.
 USER_INFO_FIELDS = ("firstName", "lastName", "name", "email")
 
@@ -183,11 +186,33 @@ def _set_user(obj: Mapping[str, Any], op: str | None) -> SetUser:
     return SetUser(_user_id(user_id, op), _user_info(payload.get("userInfo"), op))
 
 
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether C{value} nests containers more than C{limit} levels deep."""
+    level = [value]
+    for _ in range(limit + 1):
+        nxt = []
+        for item in level:
+            if isinstance(item, dict):
+                nxt.extend(item.values())
+            elif isinstance(item, list):
+                nxt.extend(item)
+        if not nxt:
+            return False
+        level = nxt
+    return True
+
+
 def _decode(data: bytes | str) -> Any:
     try:
-        return orjson.loads(data)
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise ProtocolError("INVALID_JSON", "Invalid message format: not JSON") from None
+    # Counting brackets is a fast upper bound of the depth; walk only when
+    # it is not enough to tell.
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_exceeds(obj, MAX_DEPTH):
+        raise ProtocolError("TOO_DEEP", f"Messages may nest at most {MAX_DEPTH} levels")
+    return obj
 
 
 def parse(data: bytes | str) -> ClientMessage:
@@ -232,9 +257,9 @@ def parse_broadcast(data: bytes) -> Broadcast:
     @raise BroadcastError: with the text of the 400 reply.
     """
     try:
-        obj = orjson.loads(data) if data else {}
-    except orjson.JSONDecodeError:
-        raise BroadcastError("Invalid JSON") from None
+        obj = _decode(data) if data else {}
+    except ProtocolError as e:
+        raise BroadcastError("Invalid JSON" if e.code == "INVALID_JSON" else e.message) from None
     if not isinstance(obj, dict):
         raise BroadcastError("Body must be a JSON object")
     kind, project_id = obj.get("type"), obj.get("projectId")

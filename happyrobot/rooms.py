@@ -29,6 +29,20 @@ class Member(Protocol):
         """Queue an already framed message for this connection."""
 
 
+class RoomListener(Protocol):
+    """
+    Told when this registry's first member of a room arrives and when its
+    last one leaves; the Redis bus subscribes to and unsubscribes from the
+    room's channel on these calls, so the registry itself stays free of I/O.
+    """
+
+    def room_opened(self, project_id: str) -> None:
+        """C{project_id} has its first local member."""
+
+    def room_closed(self, project_id: str) -> None:
+        """C{project_id} has lost its last local member."""
+
+
 class Room:
     """The members of one project, in join order, with their join times."""
 
@@ -76,6 +90,8 @@ class RoomRegistry:
         self._clock = clock
         self._window = presence_window_seconds
         self._encode = encode
+        #: Told about rooms opening and closing (the Redis bus), if anyone.
+        self.listener: RoomListener | None = None
 
     # ------------------------------------------------------------ queries
 
@@ -112,12 +128,15 @@ class RoomRegistry:
         @return: whether C{member} was new to the room.
         """
         room = self._rooms.get(project_id)
+        opened = room is None
         if room is None:
             room = self._rooms[project_id] = Room(project_id)
         new = member.client_id not in room.members
         if new:
             room.members[member.client_id] = member
             room.joined_at_ms[member.client_id] = self._now_ms()
+        if opened and self.listener is not None:
+            self.listener.room_opened(project_id)
         self._announce(room)
         return new
 
@@ -136,6 +155,8 @@ class RoomRegistry:
             if room.presence_timer is not None:
                 room.presence_timer.cancel()
             del self._rooms[project_id]
+            if self.listener is not None:
+                self.listener.room_closed(project_id)
         else:
             self._announce(room)
         return True

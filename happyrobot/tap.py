@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from happyrobot import logs
-from happyrobot.bus import LocalBus
+from happyrobot.bus import Bus, LocalBus, RedisBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
 from happyrobot.rooms import RoomRegistry
 from happyrobot.web import make_site
@@ -86,9 +86,18 @@ class DrainService(Service):
 
 
 def build_factory(config: Config, reactor: Any) -> CollabFactory:
-    """The registry, the bus and the WebSocket factory that holds them."""
+    """
+    The registry, the bus and the WebSocket factory that holds them.  With
+    C{config.redis_url} the bus is a L{RedisBus}, a service the caller
+    starts and stops (L{makeService} makes it a child); otherwise the
+    in-memory L{LocalBus}.
+    """
     registry = RoomRegistry(reactor, config.presence_window_seconds)
-    bus = LocalBus(registry)
+    bus: Bus
+    if config.redis_url:
+        bus = registry.listener = RedisBus(registry, config.redis_url, reactor)
+    else:
+        bus = LocalBus(registry)
     return CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
 
 
@@ -104,6 +113,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     logs.set_level(config.log_level)
     factory = build_factory(config, reactor)
     service = MultiService()
+    if IService.providedBy(factory.bus):
+        # First child: it starts connecting to Redis before the port opens.
+        factory.bus.setServiceParent(service)
     endpoint = serverFromString(reactor, config.port)
     StreamServerEndpointService(endpoint, make_site(factory)).setServiceParent(service)
     DrainService(factory, config.shutdown_timeout_seconds).setServiceParent(service)

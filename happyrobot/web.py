@@ -13,7 +13,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from happyrobot import logs, messages
+from happyrobot import logs, messages, security
 from happyrobot.framing import text_frame
 from happyrobot.ws import CollabFactory
 
@@ -44,6 +44,8 @@ class _JsonEndpoint(Resource):
     """
 
     isLeaf = True
+    #: Operator endpoints need ``Authorization: Bearer <API_TOKEN>`` when one is set.
+    operator = False
 
     def __init__(self, factory: CollabFactory) -> None:
         super().__init__()
@@ -62,6 +64,12 @@ class _JsonEndpoint(Resource):
                 request.setHeader(b"access-control-allow-headers", wanted)
             request.setHeader(b"content-length", b"0")
             return b""
+        token = self.factory.config.api_token
+        if self.operator and token and not security.bearer_matches(
+            request.getHeader(b"authorization"), token
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer realm="happyrobot"')
+            return _json(request, 401, {"error": "Missing or invalid API token"})
         handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
         if handler is None:
             allowed = sorted(n[5:] for n in dir(self) if n.startswith("json_"))
@@ -101,6 +109,8 @@ class Health(_JsonEndpoint):
 class Stats(_JsonEndpoint):
     """``GET /stats``: connections and rooms with their client ids."""
 
+    operator = True
+
     def json_GET(self, request: Request) -> bytes:
         rooms = self.factory.registry.snapshot()
         return _json(
@@ -118,6 +128,8 @@ class Stats(_JsonEndpoint):
 
 class BroadcastEndpoint(_JsonEndpoint):
     """``POST /broadcast``: the back end publishes into a room."""
+
+    operator = True
 
     def json_POST(self, request: Request) -> bytes:
         if getattr(request, "body_too_large", False):
@@ -166,6 +178,19 @@ class OriginCheckedWebSocket(WebSocketResource):
             return _json(request, 403, {"error": "Origin not allowed"})
         if self.factory.draining:
             return _json(request, 503, {"error": "Server is shutting down"})
+        config = self.factory.config
+        address = security.client_address(
+            security.peer_host(request.getClientAddress()),
+            request.getHeader(b"x-forwarded-for"),
+            config.trust_proxy,
+        )
+        refusal = self.factory.limiter.refusal(address)
+        if refusal is not None:
+            log.warn("refused a WebSocket: {why}", why=refusal)
+            busy = self.factory.limiter.max_total and self.factory.limiter.total >= (
+                self.factory.limiter.max_total
+            )
+            return _json(request, 503 if busy else 429, {"error": refusal})
         return super().render(request)  # type: ignore[no-any-return]
 
 
@@ -213,8 +238,11 @@ class QuietSite(Site):
 
     requestFactory = BoundedRequest
 
-    def __init__(self, resource: Resource, max_body_bytes: int) -> None:
-        super().__init__(resource)
+    def __init__(self, resource: Resource, max_body_bytes: int, timeout: float) -> None:
+        # The idle timeout also bounds how long a socket may sit before
+        # sending its HTTP request (Twisted suspends it while a request is
+        # handled, so upgraded WebSockets are not affected).
+        super().__init__(resource, timeout=timeout)
         self.max_body_bytes = max_body_bytes
 
     def log(self, request: Request) -> None:
@@ -229,5 +257,6 @@ class QuietSite(Site):
 
 def make_site(factory: CollabFactory) -> Site:
     """The whole HTTP + WebSocket site around a L{CollabFactory}."""
-    return QuietSite(Root(factory), factory.config.max_broadcast_bytes)
+    config = factory.config
+    return QuietSite(Root(factory), config.max_broadcast_bytes, config.handshake_timeout_seconds)
 

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 
-from happyrobot import logs, messages
+from happyrobot import logs, messages, security
 from happyrobot.bus import Bus
 from happyrobot.config import Config
 from happyrobot.framing import text_frame
@@ -25,6 +25,8 @@ from happyrobot.rooms import RoomRegistry
 log = logs.get_logger(__name__)
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def new_client_id(now_ms: int) -> str:
@@ -40,11 +42,41 @@ class CollabProtocol(WebSocketServerProtocol):
     user_id: str | None = None
     initials: str = ""
 
+    _address: str | None = None
+
+    def onConnect(self, request: Any) -> None:
+        # Count the connection against its address; web.py has already
+        # refused it (403/429/503) if a limit or the Origin says no.
+        try:
+            self._address = security.client_address(
+                security.peer_host(self.transport.getPeer()),
+                (request.headers.get("x-forwarded-for") or "").encode("latin-1") or None,
+                self.factory.config.trust_proxy,
+            )
+            self.factory.limiter.opened(self._address)
+        except Exception:
+            log.failure("onConnect failed")
+            raise
+
     def onOpen(self) -> None:
         try:
+            config = self.factory.config
             self._user_info: dict[str, str] = {}
             self.projects: set[str] = set()
-            now_ms = self._now_ms()
+            now = self.factory.clock.seconds()
+            self._bucket = (
+                security.TokenBucket(config.rate_limit_per_second, config.rate_limit_burst, now)
+                if config.rate_limit_per_second
+                else None
+            )
+            # Slow readers: the transport tells us when its buffer is full
+            # (pauseProducing) and when it drained (resumeProducing).  What we
+            # queue meanwhile is bounded by MAX_BUFFER_BYTES.
+            self._paused = False
+            self._queued_while_paused = 0
+            self.transport.unregisterProducer()  # the HTTP channel we were upgraded from
+            self.transport.registerProducer(self, True)
+            now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.factory.connections[self.client_id] = self
             log.info("{client_id} connected", client_id=self.client_id)
@@ -53,17 +85,48 @@ class CollabProtocol(WebSocketServerProtocol):
             log.failure("onOpen failed")
             self.dropConnection(abort=True)
 
+    # IPushProducer, for the transport's buffer signals.
+    def pauseProducing(self) -> None:
+        # Twisted calls this on every write while the buffer stays full;
+        # count from the first one.
+        if not self._paused:
+            self._paused = True
+            self._queued_while_paused = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
     def send(self, frame: bytes) -> None:
         """
         Write an already framed message.  The same frame bytes go to every
         recipient; writing them directly skips Autobahn's per-call framing
         and debug logging on the fan-out path.
         """
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.transport.write(frame)
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self._paused:
+            self._queued_while_paused += len(frame)
+            if self._queued_while_paused > self.factory.config.max_buffer_bytes:
+                self._drop_slow_reader()
+                return
+        self.transport.write(frame)
+
+    def _drop_slow_reader(self) -> None:
+        # The close frame would queue behind the data the client is not
+        # reading, so say 1013 and abort at once: that frees the buffer now.
+        log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
+        self.close_code_sent = CLOSE_TRY_AGAIN_LATER
+        self.sendCloseFrame(CLOSE_TRY_AGAIN_LATER, b"Too slow a reader")
+        self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
+            if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
+                self._rate_limited()
+                return
             if isBinary:
                 raise messages.ProtocolError(
                     "BINARY_NOT_SUPPORTED", "Binary frames are not supported; send JSON text"
@@ -88,7 +151,19 @@ class CollabProtocol(WebSocketServerProtocol):
             err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error")
             self.send(text_frame(messages.error(err, self._now_ms())))
 
+    def _rate_limited(self) -> None:
+        if self._bucket is not None and self._bucket.abusive:
+            log.warn("{client_id} kept sending past its rate limit; closing with 1008",
+                     client_id=self.client_id)
+            self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Rate limit exceeded")
+            return
+        err = messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down")
+        self.send(text_frame(messages.error(err, self._now_ms())))
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._address is not None:
+            self.factory.limiter.closed(self._address)
+            self._address = None
         if not self.client_id:
             return  # the opening handshake never completed
         if self.factory.connections.pop(self.client_id, None) is None:
@@ -119,6 +194,11 @@ class CollabProtocol(WebSocketServerProtocol):
             raise messages.ProtocolError(
                 "NOT_IDENTIFIED",
                 "Clients must identify themselves (SET_USER or userId) before joining",
+            )
+        limit = self.factory.config.max_rooms_per_connection
+        if limit and msg.project_id not in self.projects and len(self.projects) >= limit:
+            raise messages.ProtocolError(
+                "TOO_MANY_ROOMS", f"A connection may be in at most {limit} rooms"
             )
         self.projects.add(msg.project_id)
         self.factory.registry.join(msg.project_id, self)
@@ -160,6 +240,9 @@ class CollabFactory(WebSocketServerFactory):
         self.bus = bus
         self.clock = clock
         self.connections: dict[str, CollabProtocol] = {}
+        self.limiter = security.ConnectionLimiter(
+            config.max_connections, config.max_connections_per_ip
+        )
         self.started_at = clock.seconds()
         #: Set on shutdown: /health answers 503 and new handshakes are refused.
         self.draining = False

@@ -110,11 +110,15 @@ class ServerTestCase(TestCase):
         return f"http://127.0.0.1:{self.port_number}{path}"
 
     async def connect(
-        self, origin: str | None = ORIGIN, path: str = "/ws", expect_open: bool = True
+        self,
+        origin: str | None = ORIGIN,
+        path: str = "/ws",
+        expect_open: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> Client:
         """A connected client; with C{expect_open}, past CONNECTION_ESTABLISHED."""
         factory = WebSocketClientFactory(
-            f"ws://127.0.0.1:{self.port_number}{path}", origin=origin
+            f"ws://127.0.0.1:{self.port_number}{path}", origin=origin, headers=headers
         )
         factory.protocol = Client
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number)

@@ -1,0 +1,250 @@
+"""
+Security: the pure rules of happyrobot.security, and over loopback the API
+token, the rate limit, the room and connection caps and the slow-reader bound.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot.security import (
+    ConnectionLimiter,
+    TokenBucket,
+    bearer_matches,
+    client_address,
+    peer_host,
+)
+from tests.helpers import ServerTestCase
+
+
+class BearerTests(SynchronousTestCase):
+    """bearer_matches."""
+
+    def test_matches(self) -> None:
+        """Only ``Bearer <token>`` with the exact token matches, scheme case aside."""
+        self.assertTrue(bearer_matches(b"Bearer s3cret", "s3cret"))
+        self.assertTrue(bearer_matches(b"bearer s3cret", "s3cret"))
+        for header in (None, b"", b"Bearer", b"Bearer wrong", b"Basic s3cret", b"s3cret",
+                       b"Bearer s3cret2"):
+            self.assertFalse(bearer_matches(header, "s3cret"), header)
+
+
+class TokenBucketTests(SynchronousTestCase):
+    """TokenBucket with explicit times."""
+
+    def test_burst_then_rate(self) -> None:
+        """A full bucket allows a burst, then refills at the rate."""
+        bucket = TokenBucket(rate=10, burst=5, now=0.0)
+        self.assertEqual([bucket.take(0.0) for _ in range(6)], [True] * 5 + [False])
+        self.assertFalse(bucket.take(0.05))
+        self.assertTrue(bucket.take(0.15))
+        self.assertFalse(bucket.take(0.15))
+
+    def test_abusive_after_burst_refusals(self) -> None:
+        """More refusals than the burst since the last accepted message is abuse."""
+        bucket = TokenBucket(rate=1, burst=2, now=0.0)
+        bucket.take(0.0)
+        bucket.take(0.0)
+        for _ in range(2):
+            self.assertFalse(bucket.take(0.0))
+        self.assertFalse(bucket.abusive)
+        bucket.take(0.0)
+        self.assertTrue(bucket.abusive)
+        self.assertTrue(bucket.take(10.0))
+        self.assertFalse(bucket.abusive)
+
+
+class AddressTests(SynchronousTestCase):
+    """client_address and peer_host."""
+
+    def test_forwarded_for_only_when_trusted(self) -> None:
+        """X-Forwarded-For counts only behind a trusted proxy, and only its last hop."""
+        self.assertEqual(client_address("10.0.0.1", b"1.2.3.4", False), "10.0.0.1")
+        self.assertEqual(client_address("10.0.0.1", b"6.6.6.6, 1.2.3.4", True), "1.2.3.4")
+        self.assertEqual(client_address("10.0.0.1", None, True), "10.0.0.1")
+        self.assertEqual(client_address("10.0.0.1", b" , ", True), "10.0.0.1")
+
+    def test_peer_host_without_host(self) -> None:
+        """An address without a host (a UNIX socket) still gives a key."""
+        self.assertEqual(peer_host(object()), "local")
+
+
+class ConnectionLimiterTests(SynchronousTestCase):
+    """ConnectionLimiter."""
+
+    def test_limits(self) -> None:
+        """Per-address and total caps refuse with a reason; closing frees the place."""
+        limiter = ConnectionLimiter(max_total=3, max_per_address=2)
+        limiter.opened("a")
+        limiter.opened("a")
+        self.assertIsNotNone(limiter.refusal("a"))
+        self.assertIsNone(limiter.refusal("b"))
+        limiter.opened("b")
+        self.assertIn("connection limit", limiter.refusal("c") or "")
+        limiter.closed("a")
+        self.assertIsNone(limiter.refusal("a"))
+        limiter.closed("a")
+        limiter.closed("b")
+        self.assertEqual((limiter.total, limiter.count("a")), (0, 0))
+
+    def test_zero_is_unlimited(self) -> None:
+        """A limit of 0 never refuses."""
+        limiter = ConnectionLimiter(0, 0)
+        for _ in range(100):
+            limiter.opened("a")
+        self.assertIsNone(limiter.refusal("a"))
+
+
+class ApiTokenTests(ServerTestCase):
+    """API_TOKEN protects the operator endpoints."""
+
+    async def test_token_required(self) -> None:
+        """Without the bearer token /broadcast and /stats answer 401 and nothing is sent."""
+        self.start_server(api_token="s3cret")
+        a = await self.joined("p1", "user_a")
+        body = {"type": "TASK_CREATE", "projectId": "p1"}
+        for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "s3cret"}):
+            code, reply, hdrs = await self.http("POST", "/broadcast", body, headers=headers)
+            self.assertEqual(code, 401)
+            self.assertIn("error", reply)
+            self.assertTrue(hdrs.getRawHeaders("www-authenticate"))
+            code, _, _ = await self.http("GET", "/stats", headers=headers)
+            self.assertEqual(code, 401)
+        self.assertEqual(await self.round_trip(a), [])
+        good = {"authorization": "Bearer s3cret"}
+        code, reply, _ = await self.http("POST", "/broadcast", body, headers=good)
+        self.assertEqual((code, reply["clientCount"]), (200, 1))
+        await a.next_of("TASK_CREATE")
+        code, _, _ = await self.http("GET", "/stats", headers=good)
+        self.assertEqual(code, 200)
+
+    async def test_health_stays_open_without_names(self) -> None:
+        """/health needs no token and names no room or user."""
+        self.start_server(api_token="s3cret")
+        await self.joined("secret-project", "user_secret")
+        code, body, _ = await self.http("GET", "/health")
+        self.assertEqual(code, 200)
+        self.assertNotIn("secret", repr(body))
+
+
+class LimitTests(ServerTestCase):
+    """Per-connection and per-server limits."""
+
+    async def test_rate_limit_then_1008(self) -> None:
+        """Past the burst a client gets RATE_LIMITED; one that keeps going is closed with 1008."""
+        self.start_server(rate_limit_per_second=0.001, rate_limit_burst=5)
+        a = await self.joined("p1", "user_a")  # SET_USER + JOIN used 2 tokens
+        other = await self.joined("p1", "user_b")
+        for i in range(3):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i}})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": 3}})
+        err = await a.next_of("ERROR")
+        self.assertEqual(err["code"], "RATE_LIMITED")
+        got = []
+        while len(got) < 3:
+            got.append((await other.next_of("TASK_UPDATE"))["payload"]["i"])
+        self.assertEqual(got, [0, 1, 2])
+        for _ in range(10):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {}})
+        self.assertEqual(await a.closed, 1008)
+
+    async def test_max_rooms(self) -> None:
+        """A connection cannot join more rooms than MAX_ROOMS_PER_CONNECTION."""
+        self.start_server(max_rooms_per_connection=2)
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p2"})
+        await a.next_of("USER_PRESENCE")
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p3"})
+        err = await a.next_of("ERROR")
+        self.assertEqual(err["code"], "TOO_MANY_ROOMS")
+        self.assertNotIn("p3", self.factory.registry)
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})  # rejoining is fine
+        await a.next_of("USER_PRESENCE")
+
+    async def test_connections_per_ip(self) -> None:
+        """Past MAX_CONNECTIONS_PER_IP a handshake gets 429 before any protocol exists."""
+        self.start_server(max_connections_per_ip=2)
+        first = await self.connect()
+        await self.connect()
+        refused = await self.connect(expect_open=False)
+        await self.assertFailure(refused.opened, ConnectionError)
+        self.assertEqual(len(self.factory.connections), 2)
+        first.sendClose(1000)
+        await first.closed
+        await self.connect()  # the place is free again
+
+    async def test_forwarded_for_counted_when_trusted(self) -> None:
+        """With TRUST_PROXY each X-Forwarded-For address has its own allowance."""
+        self.start_server(max_connections_per_ip=1, trust_proxy=True)
+        await self.connect(headers={"X-Forwarded-For": "1.1.1.1"})
+        await self.connect(headers={"X-Forwarded-For": "2.2.2.2"})
+        refused = await self.connect(headers={"X-Forwarded-For": "1.1.1.1"},
+                                     expect_open=False)
+        await self.assertFailure(refused.opened, ConnectionError)
+
+    async def test_total_connections(self) -> None:
+        """Past MAX_CONNECTIONS a handshake is refused."""
+        self.start_server(max_connections=1)
+        await self.connect()
+        refused = await self.connect(expect_open=False)
+        await self.assertFailure(refused.opened, ConnectionError)
+        code, _, _ = await self.http("GET", "/health")
+        self.assertEqual(code, 200)
+
+
+class SlowReaderTests(ServerTestCase):
+    """A client that stops reading is cut off; nobody else notices."""
+
+    timeout = 30
+
+    async def test_slow_reader_dropped_others_unaffected(self) -> None:
+        """A reader that stalls while its room is flooded is closed; memory stays bounded."""
+        self.start_server(max_buffer_bytes=256 * 1024, rate_limit_per_second=0)
+        publisher = await self.joined("p1", "user_pub")
+        good = await self.joined("p1", "user_good")
+        slow = await self.joined("p1", "user_slow")
+        slow_proto = self.factory.connections[slow.client_id]
+        slow.transport.pauseProducing()  # stop reading from the socket
+        chunk = "x" * 60_000
+        n = 400  # 24 MB in all: far more than the socket buffers hold
+        for i in range(n):
+            publisher.send_json({"type": "TASK_UPDATE", "projectId": "p1",
+                                 "payload": {"i": i, "blob": chunk}})
+        got = []
+        while len(got) < n:
+            msg = await good.next()
+            if msg["type"] == "TASK_UPDATE":
+                got.append(msg["payload"]["i"])
+        self.assertEqual(got, list(range(n)))
+        self.assertNotIn(slow.client_id, self.factory.connections)
+        self.assertLessEqual(slow_proto._queued_while_paused, 256 * 1024 + 70_000)
+        self.assertEqual(self.factory.registry.member_count("p1"), 2)
+        slow.transport.resumeProducing()
+        await slow.closed
+
+
+
+class JoinStormTests(ServerTestCase):
+    """Presence coalescing keeps a join storm from tripping the slow-reader bound."""
+
+    timeout = 30
+
+    async def test_200_joins_all_stay_connected_with_full_presence(self) -> None:
+        """200 clients joining one room at once stay connected and all end with 200 users."""
+        self.start_server(presence_window_seconds=0.05, max_buffer_bytes=1024 * 1024,
+                          max_connections_per_ip=0)
+        n = 200
+        clients = [await self.connect() for _ in range(n)]
+        for i, c in enumerate(clients):
+            c.send_json({"type": "JOIN_PROJECT", "projectId": "storm", "userId": f"user_{i}"})
+        for c in clients:
+            while True:
+                msg = await c.next_of("USER_PRESENCE")
+                if msg["payload"]["userCount"] == n:
+                    break
+        self.assertEqual(len(self.factory.connections), n)
+        ids = {u["clientId"] for u in msg["payload"]["activeUsers"]}
+        self.assertEqual(ids, {c.client_id for c in clients})
+        presence_frames = sum(
+            1 for c in clients for m in c.pending() if m["type"] == "USER_PRESENCE")
+        self.assertEqual(presence_frames, 0)  # nothing after the final list
