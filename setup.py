@@ -17,9 +17,11 @@ setup(
         "txaio>=23.1,<27",
         "txredisapi>=1.4.10,<2",
         "orjson>=3.9,<4",
+        "pyjwt[crypto]>=2.8,<3",
+        "treq>=23.11,<27",
     ],
     extras_require={
-        "test": ["treq>=23.11,<27", "coverage>=7.4,<8", "hypothesis>=6.100,<7"],
+        "test": ["coverage>=7.4,<8", "hypothesis>=6.100,<7"],
         "dev": ["ruff", "mypy", "mypy-zope"],
     },
     classifiers=[

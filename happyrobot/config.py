@@ -6,6 +6,7 @@ mappings, so it is tested without touching the real environment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 from urllib.parse import unquote, urlsplit
@@ -126,8 +127,8 @@ def parse_dotenv(text: str) -> dict[str, str]:
         key, value = key.strip(), value.strip()
         if not sep or not key:
             continue
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
+            value = value[1 : value.find(value[0], 1)]  # anything after the quote is a comment
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         result[key] = value
@@ -140,13 +141,15 @@ def _number(env: str, value: str, minimum: float, integer: bool = False) -> floa
     except ValueError:
         kind = "a whole number" if integer else "a number"
         raise ConfigError(f"{env} must be {kind}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{env} must be a finite number, got {value!r}")
     if number < minimum:
         raise ConfigError(f"{env} must be at least {minimum:g}, got {value!r}")
     return number
 
 
 def _port(value: str) -> str:
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         number = int(value)
         if not 0 <= number <= 65535:
             raise ConfigError(f"PORT must be between 0 and 65535, got {value!r}")
@@ -280,8 +283,8 @@ def load_config(
             raw = environ.get(setting.env)
         if raw is None:
             raw = dotenv.get(setting.env)
-        if raw is None:
-            continue
+        if raw is None or not str(raw).strip():
+            continue  # unset or empty: the default, as `process.env.X || default` did
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
     return Config(**values)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ CONTROL_TYPES = frozenset({"SET_USER", "JOIN_PROJECT", "LEAVE_PROJECT"})
 MAX_ID_CHARS = 128
 MAX_TYPE_CHARS = 64
 MAX_OPERATION_ID_CHARS = 256
+MAX_TOKEN_CHARS = 8192
 MAX_USER_INFO_KEYS = 32
 MAX_USER_INFO_KEY_CHARS = 64
 MAX_USER_INFO_VALUE_CHARS = 256
@@ -59,10 +60,15 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class SetUser:
-    """SET_USER, or the user part of a JOIN_PROJECT carrying ``userId``."""
+    """
+    SET_USER, or the user part of a JOIN_PROJECT carrying ``userId``.
+    C{user_id} may be None only when a C{token} is given: the verified
+    token then names the user.
+    """
 
-    user_id: str
+    user_id: str | None
     user_info: Mapping[str, str]
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,9 +187,20 @@ def _set_user(obj: Mapping[str, Any], op: str | None) -> SetUser:
     payload, _ = _payload(obj, op)
     payload = payload or {}
     user_id = payload.get("userId") or obj.get("userId")
-    if user_id is None:
+    token = payload.get("token")
+    if token is not None and (
+        not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS
+    ):
+        raise ProtocolError(
+            "INVALID_TOKEN", f"token must be a string of at most {MAX_TOKEN_CHARS} characters", op
+        )
+    if user_id is None and token is None:
         raise ProtocolError("MISSING_USER_ID", "SET_USER needs a userId", op)
-    return SetUser(_user_id(user_id, op), _user_info(payload.get("userInfo"), op))
+    return SetUser(
+        None if user_id is None else _user_id(user_id, op),
+        _user_info(payload.get("userInfo"), op),
+        token,
+    )
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

@@ -9,14 +9,17 @@ L{happyrobot.rooms.RoomRegistry}; events leave through the factory's bus.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections import deque
+from typing import Any, Mapping
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
 
 
-from happyrobot import logs, messages, security
+from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus
 from happyrobot.config import Config
 from happyrobot.framing import text_frame
@@ -27,6 +30,13 @@ log = logs.get_logger(__name__)
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+#: Frames a client may send while one of its requests waits on the back end.
+MAX_BACKLOG = 64
+
+
+def _unauthorized(failure: Failure) -> None:
+    failure.trap(auth.AuthError)
+    raise messages.ProtocolError("UNAUTHORIZED", str(failure.value))
 
 
 def new_client_id(now_ms: int) -> str:
@@ -43,8 +53,11 @@ class CollabProtocol(WebSocketServerProtocol):
     initials: str = ""
 
     _address: str | None = None
+    _identity: auth.Identity | None = None
+    _expiry: Any = None
+    _busy: Deferred[None] | None = None
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> Deferred[None] | None:
         # Count the connection against its address; web.py has already
         # refused it (403/429/503) if a limit or the Origin says no.
         try:
@@ -57,12 +70,32 @@ class CollabProtocol(WebSocketServerProtocol):
         except Exception:
             log.failure("onConnect failed")
             raise
+        # Browsers cannot set headers on a WebSocket, so a session token
+        # may come as ?token=...; a bad one is refused before the upgrade.
+        token = (request.params.get("token") or [None])[0]
+        verifier = self.factory.verifier
+        if verifier is None or not token:
+            return None
+
+        def verified(identity: auth.Identity) -> None:
+            self._identity = identity
+
+        def refused(failure: Failure) -> None:
+            failure.trap(auth.AuthError)
+            raise ConnectionDeny(401, "Invalid session token")
+
+        return verifier.verify(token, self.factory.clock.seconds()).addCallbacks(
+            verified, refused
+        )
 
     def onOpen(self) -> None:
         try:
             config = self.factory.config
             self._user_info: dict[str, str] = {}
             self.projects: set[str] = set()
+            self._backlog: deque[tuple[bytes, bool]] = deque()
+            if self._identity is not None:
+                self._accept_identity(self._identity)
             now = self.factory.clock.seconds()
             self._bucket = (
                 security.TokenBucket(config.rate_limit_per_second, config.rate_limit_burst, now)
@@ -123,10 +156,24 @@ class CollabProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        try:
-            if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
-                self._rate_limited()
+        if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
+            self._rate_limited()
+            return
+        if self._busy is not None:
+            # A join or SET_USER is waiting on the back end or the identity
+            # provider: later frames wait their turn, so they are handled in
+            # the order sent.
+            if len(self._backlog) >= MAX_BACKLOG:
+                log.warn("{client_id} sent too much while waiting", client_id=self.client_id)
+                self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Too many messages while busy")
                 return
+            self._backlog.append((payload, isBinary))
+            return
+        self._handle(payload, isBinary)
+
+    def _handle(self, payload: bytes, isBinary: bool) -> None:
+        op = None
+        try:
             if isBinary:
                 raise messages.ProtocolError(
                     "BINARY_NOT_SUPPORTED", "Binary frames are not supported; send JSON text"
@@ -138,18 +185,33 @@ class CollabProtocol(WebSocketServerProtocol):
                 )
             if isinstance(msg, messages.Relay):
                 self._on_relay(msg)
-            elif isinstance(msg, messages.JoinProject):
-                self._on_join(msg)
+                return
+            if isinstance(msg, messages.JoinProject):
+                waiting = self._on_join(msg)
             elif isinstance(msg, messages.LeaveProject):
-                self._on_leave(msg)
+                waiting = self._on_leave(msg)
             else:
-                self._on_set_user(msg)
-        except messages.ProtocolError as e:
-            self.send(text_frame(messages.error(e, self._now_ms())))
+                waiting = self._on_set_user(msg)
+            if waiting is not None:
+                self._busy = waiting
+                waiting.addErrback(self._failed)
+                waiting.addBoth(self._resume)
         except Exception:
-            log.failure("{client_id}: error handling a message", client_id=self.client_id)
+            self._failed(Failure())
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(messages.ProtocolError):
+            err = failure.value
+        else:
+            log.failure("{client_id}: error handling a message", failure,
+                        client_id=self.client_id)
             err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error")
-            self.send(text_frame(messages.error(err, self._now_ms())))
+        self.send(text_frame(messages.error(err, self._now_ms())))
+
+    def _resume(self, _: object) -> None:
+        self._busy = None
+        while self._backlog and self._busy is None:
+            self._handle(*self._backlog.popleft())
 
     def _rate_limited(self) -> None:
         if self._bucket is not None and self._bucket.abusive:
@@ -164,6 +226,8 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._address is not None:
             self.factory.limiter.closed(self._address)
             self._address = None
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
         if not self.client_id:
             return  # the opening handshake never completed
         if self.factory.connections.pop(self.client_id, None) is None:
@@ -176,32 +240,100 @@ class CollabProtocol(WebSocketServerProtocol):
 
     # ------------------------------------------------------------ handlers
 
-    def _on_set_user(self, msg: messages.SetUser, info: bool = True) -> None:
-        user_info = msg.user_info if info else self._user_info
-        if msg.user_id == self.user_id and user_info == self._user_info:
+    def _set_user(self, user_id: str, user_info: Mapping[str, str]) -> None:
+        if user_id == self.user_id and user_info == self._user_info:
             return
-        self.user_id = msg.user_id
+        self.user_id = user_id
         self._user_info = dict(user_info)
-        self.initials = messages.initials(msg.user_id, user_info)
+        self.initials = messages.initials(user_id, user_info)
         self.factory.registry.member_changed(self.projects)
 
-    def _on_join(self, msg: messages.JoinProject) -> None:
+    def _claim(self, claimed: str | None, user_info: Mapping[str, str]) -> None:
+        """Set the user, checked against the verified token when auth is on."""
+        if self.factory.verifier is None:
+            if claimed is None:
+                raise messages.ProtocolError("MISSING_USER_ID", "SET_USER needs a userId")
+            self._set_user(claimed, user_info)
+            return
+        if self._identity is None:
+            raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
+        if claimed is not None and claimed != self._identity.user_id:
+            raise messages.ProtocolError("UNAUTHORIZED", "userId does not match the token")
+        self._set_user(self._identity.user_id, user_info)
+
+    def _on_set_user(self, msg: messages.SetUser) -> Deferred[None] | None:
+        verifier = self.factory.verifier
+        if verifier is None or msg.token is None:
+            self._claim(msg.user_id, msg.user_info)
+            return None
+        d = verifier.verify(msg.token, self.factory.clock.seconds())
+
+        def verified(identity: auth.Identity) -> None:
+            self._accept_identity(identity)
+            self._claim(msg.user_id, msg.user_info)
+
+        return d.addCallbacks(verified, _unauthorized)
+
+    def _accept_identity(self, identity: auth.Identity) -> None:
+        """Remember a verified identity and close with 1008 when it expires."""
+        self._identity = identity
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        verifier = self.factory.verifier
+        assert verifier is not None
+        delay = identity.expires_at + verifier.leeway_seconds - self.factory.clock.seconds()
+        self._expiry = self.factory.clock.callLater(max(0.0, delay), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        log.info("{client_id}: session token expired; closing", client_id=self.client_id)
+        self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Session token expired")
+
+    def _on_join(self, msg: messages.JoinProject) -> Deferred[None] | None:
         if msg.user is not None:
             # A userId on JOIN_PROJECT sets the user as SET_USER does, but
             # keeps the userInfo already given.
-            self._on_set_user(msg.user, info=False)
+            self._claim(msg.user.user_id, self._user_info)
         if self.user_id is None:
+            if self.factory.verifier is not None:
+                raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
             raise messages.ProtocolError(
                 "NOT_IDENTIFIED",
                 "Clients must identify themselves (SET_USER or userId) before joining",
             )
+        project_id = msg.project_id
+        if project_id in self.projects:
+            self.factory.registry.join(project_id, self)  # re-announces presence
+            return None
         limit = self.factory.config.max_rooms_per_connection
-        if limit and msg.project_id not in self.projects and len(self.projects) >= limit:
+        if limit and len(self.projects) >= limit:
             raise messages.ProtocolError(
                 "TOO_MANY_ROOMS", f"A connection may be in at most {limit} rooms"
             )
-        self.projects.add(msg.project_id)
-        self.factory.registry.join(msg.project_id, self)
+        authorizer = self.factory.authorizer
+        if authorizer is None:
+            self._join(project_id)
+            return None
+
+        def answered(allowed: bool) -> None:
+            if not allowed:
+                raise messages.ProtocolError(
+                    "FORBIDDEN", f"Not allowed to join project {project_id}"
+                )
+            self._join(project_id)
+
+        def unanswered(failure: Failure) -> None:
+            raise messages.ProtocolError(
+                "AUTH_UNAVAILABLE", "Project authorization is unavailable; try again later"
+            )
+
+        return authorizer.allowed(self.user_id, project_id).addCallbacks(answered, unanswered)
+
+    def _join(self, project_id: str) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return  # closed while the back end was answering
+        self.projects.add(project_id)
+        self.factory.registry.join(project_id, self)
 
     def _on_leave(self, msg: messages.LeaveProject) -> None:
         if msg.project_id in self.projects:
@@ -243,6 +375,9 @@ class CollabFactory(WebSocketServerFactory):
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )
+        #: Set by the wiring when a JWT key is configured / PROJECT_AUTH_URL is set.
+        self.verifier: auth.TokenVerifier | None = None
+        self.authorizer: auth.ProjectAuthorizer | None = None
         self.started_at = clock.seconds()
         #: Set on shutdown: /health answers 503 and new handshakes are refused.
         self.draining = False

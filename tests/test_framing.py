@@ -1,0 +1,131 @@
+"""
+Tests for L{happyrobot.framing}: the frame header must be exactly what
+RFC 6455 section 5.2 prescribes, since these bytes go straight onto the
+wire of every member.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot.framing import text_frame
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The fields of a decoded RFC 6455 frame header."""
+
+    fin: bool
+    rsv: int
+    opcode: int
+    masked: bool
+    length_code: int
+    length: int
+    header_size: int
+
+
+def _decode_header(frame: bytes) -> _Header:
+    """Decode the base header and extended payload length of C{frame}."""
+    first, second = frame[0], frame[1]
+    length_code = second & 0x7F
+    if length_code == 126:
+        (length,) = struct.unpack("!H", frame[2:4])
+        size = 4
+    elif length_code == 127:
+        (length,) = struct.unpack("!Q", frame[2:10])
+        size = 10
+    else:
+        length, size = length_code, 2
+    return _Header(
+        fin=bool(first & 0x80),
+        rsv=(first >> 4) & 0x07,
+        opcode=first & 0x0F,
+        masked=bool(second & 0x80),
+        length_code=length_code,
+        length=length,
+        header_size=size,
+    )
+
+
+class TextFrameTests(SynchronousTestCase):
+    """L{text_frame} makes one final, unmasked text frame with the shortest length encoding."""
+
+    def _check(self, n: int, length_code: int, header_size: int) -> None:
+        """Frame C{n} bytes and check every header field and the payload."""
+        payload = bytes(i % 251 for i in range(n))
+        frame = text_frame(payload)
+        header = _decode_header(frame)
+        self.assertEqual(
+            header,
+            _Header(
+                fin=True,
+                rsv=0,
+                opcode=0x1,
+                masked=False,
+                length_code=length_code,
+                length=n,
+                header_size=header_size,
+            ),
+        )
+        self.assertEqual(len(frame), header_size + n)
+        self.assertEqual(frame[header_size:], payload)
+
+    def test_empty(self) -> None:
+        """An empty payload is the two header bytes 0x81 0x00 and nothing else."""
+        self.assertEqual(text_frame(b""), b"\x81\x00")
+        self._check(0, 0, 2)
+
+    def test_small(self) -> None:
+        """A short JSON payload follows a two-byte header holding its length."""
+        self.assertEqual(text_frame(b'{"a":1}'), b'\x81\x07{"a":1}')
+
+    def test_125(self) -> None:
+        """125 bytes, the largest length in the base header, use the 7-bit length."""
+        self._check(125, 125, 2)
+
+    def test_126(self) -> None:
+        """126 bytes use the 16-bit extended length (code 126)."""
+        self._check(126, 126, 4)
+        self.assertEqual(text_frame(b"x" * 126)[:4], b"\x81\x7e\x00\x7e")
+
+    def test_65535(self) -> None:
+        """65535 bytes, the largest 16-bit length, still use code 126."""
+        self._check(65535, 126, 4)
+        self.assertEqual(text_frame(b"x" * 65535)[:4], b"\x81\x7e\xff\xff")
+
+    def test_65536(self) -> None:
+        """65536 bytes use the 64-bit extended length (code 127)."""
+        self._check(65536, 127, 10)
+        self.assertEqual(text_frame(b"x" * 65536)[:10], b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00")
+
+    def test_64_bit_length_high_bit_clear(self) -> None:
+        """The 64-bit length has its most significant bit clear, as RFC 6455 requires."""
+        frame = text_frame(b"x" * 70000)
+        self.assertEqual(frame[2] & 0x80, 0)
+        self.assertEqual(_decode_header(frame).length, 70000)
+
+    def test_utf8_payload_unchanged(self) -> None:
+        """The payload bytes are copied as given; the length counts bytes, not characters."""
+        payload = '{"t":"\u00e9\U0001f600"}'.encode()
+        frame = text_frame(payload)
+        self.assertEqual(frame, bytes((0x81, len(payload))) + payload)
+
+    @settings(deadline=None, max_examples=60)
+    @given(
+        st.integers(min_value=0, max_value=200)
+        | st.integers(min_value=65500, max_value=65600)
+        | st.integers(min_value=0, max_value=70000)
+    )
+    def test_any_length(self, n: int) -> None:
+        """Every payload length decodes back to itself with the minimal length encoding."""
+        if n < 126:
+            self._check(n, n, 2)
+        elif n < 65536:
+            self._check(n, 126, 4)
+        else:
+            self._check(n, 127, 10)
