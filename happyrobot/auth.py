@@ -93,15 +93,15 @@ class JwksKeys:
         if key is not None:
             return succeed(key)
         now = self._clock.seconds()
-        if self._fetched_at is not None and now - self._fetched_at < self._min_refetch:
-            return fail(AuthError("Token signed with an unknown key"))
         d: Deferred[None] = Deferred()
-        if self._inflight is None:
+        if self._inflight is not None:
+            self._inflight.append(d)  # a fetch is under way: its keys may have this kid
+        elif self._fetched_at is not None and now - self._fetched_at < self._min_refetch:
+            return fail(AuthError("Token signed with an unknown key"))
+        else:
             self._inflight = [d]
             self._fetched_at = now
             self._fetch(self._url).addCallbacks(self._loaded, self._failed)
-        else:
-            self._inflight.append(d)
 
         def pick(_: None) -> Any:
             key = self._lookup(kid)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import treq
 from twisted.internet.defer import Deferred
+from twisted.web.client import HTTPConnectionPool
 
 #: Refuse to read more than this from the identity provider or the back end.
 MAX_REPLY_BYTES = 1024 * 1024
@@ -30,11 +31,11 @@ async def _body(response: Any) -> bytes:
     return body
 
 
-def fetch_url(url: str) -> Deferred[bytes]:
+def fetch_url(url: str, pool: HTTPConnectionPool | None = None) -> Deferred[bytes]:
     """GET C{url}; the body of a 200 reply."""
 
     async def get() -> bytes:
-        response = await treq.get(url, timeout=10)
+        response = await treq.get(url, timeout=10, pool=pool)
         if response.code != 200:
             raise BackendError(f"GET {url} answered {response.code}")
         return await _body(response)
@@ -42,7 +43,9 @@ def fetch_url(url: str) -> Deferred[bytes]:
     return Deferred.fromCoroutine(get())
 
 
-def project_access(url: str, api_token: str) -> Callable[[str, str], Deferred[bool]]:
+def project_access(
+    url: str, api_token: str, pool: HTTPConnectionPool | None = None
+) -> Callable[[str, str], Deferred[bool]]:
     """
     The question "may this user join this project?" as a GET of C{url}
     with ``userId`` and ``projectId`` query parameters, authenticated with
@@ -57,7 +60,10 @@ def project_access(url: str, api_token: str) -> Callable[[str, str], Deferred[bo
     def ask(user_id: str, project_id: str) -> Deferred[bool]:
         async def get() -> bool:
             response = await treq.get(
-                url, params={"userId": user_id, "projectId": project_id}, headers=headers
+                url,
+                params={"userId": user_id, "projectId": project_id},
+                headers=headers,
+                pool=pool,
             )
             if response.code in (401, 403, 404):
                 await treq.content(response)

@@ -42,6 +42,9 @@ SETTINGS = (
     Setting("REDIS_URL", "redis-url", "",
             "redis://[[user]:password@]host[:port][/db] shared by every instance of "
             "one deployment (empty: this process is the whole deployment)"),
+    Setting("INSTANCE_TTL", "instance-ttl", "10",
+            "with REDIS_URL: seconds after which the members of an instance that "
+            "stopped sending heartbeats (a crash) leave every room's presence"),
     Setting("MAX_MESSAGE_BYTES", "max-message-bytes", "65536",
             "largest WebSocket message accepted; larger ones close the socket with 1009"),
     Setting("MAX_BROADCAST_BYTES", "max-broadcast-bytes", "1048576",
@@ -71,8 +74,26 @@ SETTINGS = (
             "open WebSockets per client address (0 = no limit); more get 429"),
     Setting("TRUST_PROXY", "trust-proxy", "false",
             "true behind a reverse proxy: count clients by X-Forwarded-For"),
+    Setting("JWT_PUBLIC_KEY", "jwt-public-key", "",
+            "PEM public key (or a path to one) that verifies RS256 session tokens; "
+            "when set, clients must present a valid token"),
+    Setting("JWKS_URL", "jwks-url", "",
+            "JWKS document with the session-token signing keys (instead of JWT_PUBLIC_KEY)"),
+    Setting("JWT_ISSUER", "jwt-issuer", "", "required iss claim of session tokens (optional)"),
+    Setting("JWT_AUDIENCE", "jwt-audience", "", "required aud claim of session tokens (optional)"),
+    Setting("JWT_LEEWAY_SECONDS", "jwt-leeway-seconds", "5",
+            "clock skew allowed when checking exp and nbf"),
+    Setting("PROJECT_AUTH_URL", "project-auth-url", "",
+            "back-end URL asked (GET ?userId=&projectId=, Bearer API_TOKEN) before each join"),
+    Setting("PROJECT_AUTH_TIMEOUT", "project-auth-timeout", "3",
+            "seconds to wait for PROJECT_AUTH_URL before refusing the join"),
+    Setting("PROJECT_AUTH_CACHE_SECONDS", "project-auth-cache-seconds", "60",
+            "how long an answer of PROJECT_AUTH_URL is reused"),
     Setting("MAX_BUFFER_BYTES", "max-buffer-bytes", "1048576",
             "bytes queued for a client that stops reading before it is closed with 1013"),
+    Setting("CONFORMANCE_ECHO", "conformance-echo", "false",
+            "true adds /echo, a WebSocket echoing every message, for the "
+            "Autobahn|Testsuite (scripts/conformance); never in production"),
 )
 
 
@@ -85,6 +106,7 @@ class Config:
     log_level: str = "info"
     node_env: str = "development"
     redis_url: str | None = None
+    instance_ttl_seconds: float = 10.0
     max_message_bytes: int = 65536
     max_broadcast_bytes: int = 1048576
     presence_window_seconds: float = 0.05
@@ -100,6 +122,15 @@ class Config:
     max_connections_per_ip: int = 1000
     trust_proxy: bool = False
     max_buffer_bytes: int = 1048576
+    jwt_public_key: str = ""
+    jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_seconds: float = 5.0
+    project_auth_url: str = ""
+    project_auth_timeout_seconds: float = 3.0
+    project_auth_cache_seconds: float = 60.0
+    conformance_echo: bool = False
 
     @property
     def production(self) -> bool:
@@ -228,6 +259,13 @@ def _bool(env: str, value: str) -> bool:
     raise ConfigError(f"{env} must be true or false, got {value!r}")
 
 
+def _url(env: str, value: str) -> str:
+    url = value.strip()
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{env} must be an http:// or https:// URL, got {value!r}")
+    return url
+
+
 def _count(env: str) -> Callable[[str], int]:
     return lambda v: int(_number(env, v, 0, True))
 
@@ -238,6 +276,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "NODE_ENV": ("node_env", lambda v: v.strip() or "development"),
     "REDIS_URL": ("redis_url", _redis_url),
+    "INSTANCE_TTL": ("instance_ttl_seconds", lambda v: _number("INSTANCE_TTL", v, 0.5)),
     "MAX_MESSAGE_BYTES": ("max_message_bytes",
                           lambda v: int(_number("MAX_MESSAGE_BYTES", v, 128, True))),
     "MAX_BROADCAST_BYTES": ("max_broadcast_bytes",
@@ -258,8 +297,19 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "MAX_CONNECTIONS": ("max_connections", _count("MAX_CONNECTIONS")),
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _count("MAX_CONNECTIONS_PER_IP")),
     "TRUST_PROXY": ("trust_proxy", lambda v: _bool("TRUST_PROXY", v)),
+    "JWT_PUBLIC_KEY": ("jwt_public_key", str.strip),
+    "JWKS_URL": ("jwks_url", lambda v: _url("JWKS_URL", v)),
+    "JWT_ISSUER": ("jwt_issuer", str.strip),
+    "JWT_AUDIENCE": ("jwt_audience", str.strip),
+    "JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", lambda v: _number("JWT_LEEWAY_SECONDS", v, 0)),
+    "PROJECT_AUTH_URL": ("project_auth_url", lambda v: _url("PROJECT_AUTH_URL", v)),
+    "PROJECT_AUTH_TIMEOUT": ("project_auth_timeout_seconds",
+                             lambda v: _number("PROJECT_AUTH_TIMEOUT", v, 0.1)),
+    "PROJECT_AUTH_CACHE_SECONDS": ("project_auth_cache_seconds",
+                                   lambda v: _number("PROJECT_AUTH_CACHE_SECONDS", v, 0)),
     "MAX_BUFFER_BYTES": ("max_buffer_bytes",
                          lambda v: int(_number("MAX_BUFFER_BYTES", v, 1024, True))),
+    "CONFORMANCE_ECHO": ("conformance_echo", lambda v: _bool("CONFORMANCE_ECHO", v)),
 }
 
 

@@ -43,6 +43,17 @@ class RoomListener(Protocol):
         """C{project_id} has lost its last local member."""
 
 
+class PresencePublisher(Protocol):
+    """
+    Announces presence instead of the registry when members live on other
+    instances too (the Redis bus): it learns the local list on every
+    change, merges it with the others and calls L{RoomRegistry.send_presence}.
+    """
+
+    def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
+        """The local members of C{project_id} are now C{active_users}."""
+
+
 class Room:
     """The members of one project, in join order, with their join times."""
 
@@ -92,6 +103,8 @@ class RoomRegistry:
         self._encode = encode
         #: Told about rooms opening and closing (the Redis bus), if anyone.
         self.listener: RoomListener | None = None
+        #: Announces presence across instances (the Redis bus), if anyone.
+        self.presence_publisher: PresencePublisher | None = None
 
     # ------------------------------------------------------------ queries
 
@@ -204,8 +217,16 @@ class RoomRegistry:
             self._announce(room)
 
     def _send_presence(self, room: Room) -> None:
-        frame = self._encode(
-            messages.presence(room.project_id, room.active_users(), self._now_ms())
-        )
+        if self.presence_publisher is not None:
+            self.presence_publisher.presence_changed(room.project_id, room.active_users())
+        else:
+            self.send_presence(room.project_id, room.active_users())
+
+    def send_presence(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
+        """Send USER_PRESENCE listing C{active_users} to the local members of the room."""
+        room = self._rooms.get(project_id)
+        if room is None:
+            return
+        frame = self._encode(messages.presence(project_id, active_users, self._now_ms()))
         for member in room.members.values():
             member.send(frame)

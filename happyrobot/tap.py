@@ -17,8 +17,9 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
 
-from happyrobot import logs
+from happyrobot import auth, backend, logs
 from happyrobot.bus import Bus, LocalBus, RedisBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
 from happyrobot.rooms import RoomRegistry
@@ -41,11 +42,17 @@ class Options(usage.Options):
     optParameters = [
         [s.option, None, None, f"{s.help} [env {s.env}, default {s.default}]"]
         for s in SETTINGS
+        if s.option != "conformance-echo"  # a bare flag, below
     ] + [["env-file", None, ".env", "dotenv file read for variables not in the environment"]]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.environ = os.environ if environ is None else environ
+
+    def opt_conformance_echo(self) -> None:
+        """Serve /echo for the Autobahn|Testsuite [env CONFORMANCE_ECHO, default false]"""
+        # Unset, the key stays absent and CONFORMANCE_ECHO decides.
+        self["conformance-echo"] = "true"
 
     def config(self) -> Config:
         """
@@ -78,6 +85,7 @@ class DrainService(Service):
         f.draining = True
         log.info("shutting down: closing {n} connections", n=len(f.connections))
         done = f.when_empty()
+        done.addCallback(lambda _: f.http_pool.closeCachedConnections())
         f.close_all()
         if not done.called:
             timer = f.clock.callLater(self.timeout, f.abort_all)
@@ -95,10 +103,50 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     registry = RoomRegistry(reactor, config.presence_window_seconds)
     bus: Bus
     if config.redis_url:
-        bus = registry.listener = RedisBus(registry, config.redis_url, reactor)
+        bus = registry.listener = registry.presence_publisher = RedisBus(
+            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds
+        )
     else:
         bus = LocalBus(registry)
-    return CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
+    factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
+    if isinstance(bus, RedisBus):
+        bus.connection_count = lambda: len(factory.connections)
+    # Keep-alive connections to the back end and the identity provider,
+    # closed on shutdown.
+    factory.http_pool = HTTPConnectionPool(reactor)
+    factory.verifier = _verifier(config, reactor, factory.http_pool)
+    if config.project_auth_url:
+        factory.authorizer = auth.ProjectAuthorizer(
+            backend.project_access(config.project_auth_url, config.api_token, factory.http_pool),
+            reactor,
+            ttl_seconds=config.project_auth_cache_seconds,
+            timeout_seconds=config.project_auth_timeout_seconds,
+        )
+    return factory
+
+
+def _verifier(
+    config: Config, reactor: Any, pool: HTTPConnectionPool
+) -> auth.TokenVerifier | None:
+    """The session-token verifier that JWT_PUBLIC_KEY or JWKS_URL asks for."""
+    keys: auth.StaticKey | auth.JwksKeys
+    if config.jwt_public_key:
+        try:
+            keys = auth.StaticKey(auth.load_public_key(config.jwt_public_key))
+        except (ValueError, TypeError, OSError) as e:
+            raise ConfigError(f"JWT_PUBLIC_KEY is not a PEM public key or its path ({e})")
+    elif config.jwks_url:
+        keys = auth.JwksKeys(
+            config.jwks_url, lambda url: backend.fetch_url(url, pool), reactor
+        )
+    else:
+        return None
+    return auth.TokenVerifier(
+        keys,
+        issuer=config.jwt_issuer or None,
+        audience=config.jwt_audience or None,
+        leeway_seconds=config.jwt_leeway_seconds,
+    )
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -107,11 +155,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     try:
         config = options.config()
+        factory = build_factory(config, reactor)
     except ConfigError as e:
         # One line naming the variable, as twistd users expect from a bad flag.
         raise SystemExit(f"happyrobot-ws: {e}") from None
     logs.set_level(config.log_level)
-    factory = build_factory(config, reactor)
     service = MultiService()
     if IService.providedBy(factory.bus):
         # First child: it starts connecting to Redis before the port opens.
@@ -122,6 +170,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     service.factory = factory  # type: ignore[attr-defined]
     if config.production and "*" in config.allowed_origins:
         log.warn("ALLOWED_ORIGINS is * in production: any web site may open WebSockets here")
+    if config.conformance_echo:
+        log.warn("conformance mode (CONFORMANCE_ECHO) is on: /echo echoes every message; "
+                 "use it only to run the Autobahn|Testsuite, never in production")
+    if config.production and factory.verifier is None and not config.api_token:
+        log.warn(
+            "no JWT_PUBLIC_KEY/JWKS_URL and no API_TOKEN in production: user ids are not "
+            "verified and POST /broadcast is open to anyone who can reach it"
+        )
     log.info(
         "happyrobot-ws on {port} ({env}), origins {origins}",
         port=config.port,

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from happyrobot import logs, messages, security
 from happyrobot.framing import text_frame
-from happyrobot.ws import CollabFactory
+from happyrobot.ws import CollabFactory, EchoFactory
 
 log = logs.get_logger(__name__)
 
@@ -106,12 +108,35 @@ class Health(_JsonEndpoint):
         return _json(request, 200 if body["status"] == "healthy" else 503, body)
 
 
+def _json_later(request: Request, body: Deferred[Any]) -> int:
+    """Answer 200 with the JSON C{body} once it is ready (unless the client left)."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def write(result: Any) -> None:
+        if not gone:
+            request.write(_json(request, 200, result))
+            request.finish()
+
+    def failed(f: Failure) -> None:
+        log.failure("building a reply failed", f)
+        if not gone:
+            request.write(_json(request, 500, {"error": "Internal server error"}))
+            request.finish()
+
+    body.addCallbacks(write, failed)
+    return NOT_DONE_YET
+
+
 class Stats(_JsonEndpoint):
     """``GET /stats``: connections and rooms with their client ids."""
 
     operator = True
 
-    def json_GET(self, request: Request) -> bytes:
+    def json_GET(self, request: Request) -> bytes | int:
+        cluster_stats = getattr(self.factory.bus, "cluster_stats", None)
+        if cluster_stats is not None:  # RedisBus: the whole deployment
+            return _json_later(request, Deferred.fromCoroutine(cluster_stats()))
         rooms = self.factory.registry.snapshot()
         return _json(
             request,
@@ -204,6 +229,9 @@ class Root(Resource):
         self.putChild(b"health", Health(factory))
         self.putChild(b"stats", Stats(factory))
         self.putChild(b"broadcast", BroadcastEndpoint(factory))
+        if factory.config.conformance_echo:
+            # /echo for the Autobahn|Testsuite, behind the same checks as /ws.
+            self.putChild(b"echo", OriginCheckedWebSocket(EchoFactory(factory)))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self._not_found

@@ -22,8 +22,9 @@ from twisted.internet.interfaces import IReactorTime
 from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus
 from happyrobot.config import Config
-from happyrobot.framing import text_frame
+from happyrobot.framing import binary_frame, text_frame
 from happyrobot.rooms import RoomRegistry
+from happyrobot.writer import SocketWriter, TurnFlusher
 
 log = logs.get_logger(__name__)
 
@@ -102,57 +103,71 @@ class CollabProtocol(WebSocketServerProtocol):
                 if config.rate_limit_per_second
                 else None
             )
-            # Slow readers: the transport tells us when its buffer is full
-            # (pauseProducing) and when it drained (resumeProducing).  What we
-            # queue meanwhile is bounded by MAX_BUFFER_BYTES.
-            self._paused = False
-            self._queued_while_paused = 0
+            # Outgoing frames: queued per turn, written straight to the
+            # socket when possible; what waits in Twisted's buffer is bounded
+            # by MAX_BUFFER_BYTES (a reader that stops reading is cut off).
             self.transport.unregisterProducer()  # the HTTP channel we were upgraded from
-            self.transport.registerProducer(self, True)
+            self._writer = SocketWriter(
+                self.transport, config.max_buffer_bytes, self._drop_slow_reader
+            )
+            self._out = []
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.factory.connections[self.client_id] = self
             log.info("{client_id} connected", client_id=self.client_id)
-            self.send(text_frame(messages.connection_established(self.client_id, now_ms)))
+            self._greet(now_ms)
         except Exception:
             log.failure("onOpen failed")
             self.dropConnection(abort=True)
 
-    # IPushProducer, for the transport's buffer signals.
-    def pauseProducing(self) -> None:
-        # Twisted calls this on every write while the buffer stays full;
-        # count from the first one.
-        if not self._paused:
-            self._paused = True
-            self._queued_while_paused = 0
+    def _greet(self, now_ms: int) -> None:
+        self.send(text_frame(messages.connection_established(self.client_id, now_ms)))
 
-    def resumeProducing(self) -> None:
-        self._paused = False
-
-    def stopProducing(self) -> None:
-        self._paused = True
+    _writer: SocketWriter | None = None
+    _out: list[bytes] | None = None
 
     def send(self, frame: bytes) -> None:
         """
-        Write an already framed message.  The same frame bytes go to every
-        recipient; writing them directly skips Autobahn's per-call framing
-        and debug logging on the fan-out path.
+        Queue an already framed message; the connection's frames of this
+        reactor turn are written together by L{flush}.  The same frame
+        bytes go to every recipient: nothing here is per-recipient work
+        beyond a list append.
         """
-        if self.state != WebSocketServerProtocol.STATE_OPEN:
+        out = self._out
+        if out is None:
+            return  # not open yet, or closed
+        if not out:
+            self.factory.flusher.mark(self)
+        out.append(frame)
+
+    def flush(self) -> None:
+        """Write the frames queued this turn, in one piece."""
+        out = self._out
+        if not out or self._writer is None:
             return
-        if self._paused:
-            self._queued_while_paused += len(frame)
-            if self._queued_while_paused > self.factory.config.max_buffer_bytes:
-                self._drop_slow_reader()
-                return
-        self.transport.write(frame)
+        self._out = []
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (pings, pongs, close) take the same writer,
+        # after whatever this connection has queued, so that bytes stay in
+        # order.  Autobahn's debug logging of each write is skipped too.
+        writer = self._writer
+        if writer is None or sync or chopsize:
+            super().sendData(data, sync, chopsize)
+            return
+        self.flush()
+        writer.write(data)
 
     def _drop_slow_reader(self) -> None:
-        # The close frame would queue behind the data the client is not
-        # reading, so say 1013 and abort at once: that frees the buffer now.
-        log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
-        self.close_code_sent = CLOSE_TRY_AGAIN_LATER
-        self.sendCloseFrame(CLOSE_TRY_AGAIN_LATER, b"Too slow a reader")
+        # A close frame would wait behind the data the client is not
+        # reading, so abort at once: that frees the buffer now.  The client
+        # sees an abnormal closure; we log and count it as 1013.
+        if self._out is None:
+            return
+        self._out = None
+        log.warn("{client_id} reads too slowly; dropped (1013)", client_id=self.client_id)
         self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -226,6 +241,7 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._address is not None:
             self.factory.limiter.closed(self._address)
             self._address = None
+        self._out = None
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         if not self.client_id:
@@ -372,12 +388,14 @@ class CollabFactory(WebSocketServerFactory):
         self.bus = bus
         self.clock = clock
         self.connections: dict[str, CollabProtocol] = {}
+        self.flusher = TurnFlusher(clock)
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )
         #: Set by the wiring when a JWT key is configured / PROJECT_AUTH_URL is set.
         self.verifier: auth.TokenVerifier | None = None
         self.authorizer: auth.ProjectAuthorizer | None = None
+        self.http_pool: Any = None
         self.started_at = clock.seconds()
         #: Set on shutdown: /health answers 503 and new handshakes are refused.
         self.draining = False
@@ -420,3 +438,68 @@ class CollabFactory(WebSocketServerFactory):
             waiters, self._empty_waiters = self._empty_waiters, []
             for d in waiters:
                 d.callback(None)
+
+
+class EchoProtocol(CollabProtocol):
+    """
+    ``/echo``, served only in conformance mode (C{CONFORMANCE_ECHO}), for
+    the Autobahn|Testsuite (``scripts/conformance``).  Everything is
+    L{CollabProtocol}'s (the Origin check and connection limits, the
+    protocol options with the size limits, ping and close handling, the
+    rate limit and the C{send()} write path) except that each message is
+    sent back as it came, text as text and binary as binary, and that no
+    CONNECTION_ESTABLISHED comes first: the suite expects nothing but its
+    own messages back.
+    """
+
+    def _greet(self, now_ms: int) -> None:
+        pass
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
+            self._rate_limited()
+            return
+        self.send(binary_frame(payload) if isBinary else text_frame(payload))
+
+
+class _SharedWithMain:
+    """
+    An attribute of an L{EchoFactory} that is its main factory's attribute
+    of the same name, read and written through.  Writes made while
+    L{CollabFactory.__init__} sets its defaults (before C{main} is known)
+    are ignored, so building the echo factory never resets the main one.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return getattr(obj.main, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if "main" in vars(obj):
+            setattr(obj.main, self.name, value)
+
+
+class EchoFactory(CollabFactory):
+    """
+    The factory behind ``/echo``: made from the main factory's own
+    arguments, so its protocol options are the same, and sharing the main
+    factory's open connections, connection limiter, auth hooks and drain
+    state, so the limits count both endpoints, /health counts both and a
+    shutdown closes and waits for both.
+    """
+
+    protocol = EchoProtocol
+
+    connections = _SharedWithMain()  # type: ignore[assignment]
+    limiter = _SharedWithMain()  # type: ignore[assignment]
+    verifier = _SharedWithMain()  # type: ignore[assignment]
+    authorizer = _SharedWithMain()  # type: ignore[assignment]
+    draining = _SharedWithMain()  # type: ignore[assignment]
+    started_at = _SharedWithMain()  # type: ignore[assignment]
+    _empty_waiters = _SharedWithMain()  # type: ignore[assignment]
+
+    def __init__(self, main: CollabFactory) -> None:
+        super().__init__(main.config, main.registry, main.bus, main.clock, reactor=main.reactor)
+        self.main = main

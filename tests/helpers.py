@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from dataclasses import replace
@@ -16,7 +17,7 @@ from typing import Any
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, race
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import TestCase
@@ -104,6 +105,7 @@ class ServerTestCase(TestCase):
             await c.closed
         await self.factory.when_empty()
         await self.port.stopListening()
+        await self.factory.http_pool.closeCachedConnections()
         cancel_txaio_buckets()
 
     def url(self, path: str) -> str:
@@ -240,3 +242,144 @@ def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> tuple[Li
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=REPO_ROOT)
     return proto, transport
 
+
+
+# ---------------------------------------------------------------- Redis
+
+
+class RedisServer:
+    """
+    A real ``redis-server`` on 127.0.0.1, with no persistence, for one test.
+    It can be stopped and started again on the same port, as a Redis
+    restart in production would be.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: LineCollector | None = None
+        self._transport: Any = None
+
+    async def start(self) -> None:
+        """Spawn the server and return once it answers PING with PONG."""
+        self.process = proto = LineCollector()
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no"]
+        self._transport = reactor.spawnProcess(
+            proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path="/"
+        )
+        ended = Deferred()  # fires if the server dies before it is ready
+        proto.ended.addBoth(lambda r: (ended.callback(r), r)[1])
+        await race([proto.wait_for(b"Ready to accept connections"), ended])
+        if proto.ended.called:
+            raise RuntimeError("redis-server exited: " + proto.output.decode(errors="replace"))
+        reply = await self.command("PING")
+        assert reply == "PONG", reply
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM) and wait until it has exited."""
+        if self.process is not None and not self.process.ended.called:
+            self._transport.signalProcess("TERM")
+            await self.process.ended
+
+    async def command(self, *args: Any) -> Any:
+        """Run one Redis command on a fresh connection and return the reply."""
+        import txredisapi
+
+        conn = await txredisapi.Connection("127.0.0.1", self.port, reconnect=False)
+        try:
+            return await conn.execute_command(*args)
+        finally:
+            await conn.disconnect()
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class Node:
+    """
+    One server instance in the test process: its own registry, RedisBus
+    and loopback port.  The client helpers are ServerTestCase's, which only
+    need C{port_number} and C{_clients}.
+    """
+
+    url = ServerTestCase.url
+    connect = ServerTestCase.connect
+    joined = ServerTestCase.joined
+    round_trip = ServerTestCase.round_trip
+    http = ServerTestCase.http
+
+    def __init__(self, factory: CollabFactory, port: Any) -> None:
+        self.factory = factory
+        self.bus: Any = factory.bus
+        self.port = port
+        self.port_number = port.getHost().port
+        self._clients: list[Client] = []
+        self.stopped = False
+
+    def settled(self) -> Deferred[None]:
+        """Fires once the Redis link is up and every (un)subscription is answered."""
+        return self.bus.when(self.bus.settled)  # type: ignore[no-any-return]
+
+    async def stop(self) -> None:
+        """Drop the clients, stop listening and stop the bus (twice is harmless)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for c in self._clients:
+            if c.state != WebSocketClientProtocol.STATE_CLOSED:
+                c.dropConnection(abort=True)
+        for c in self._clients:
+            await c.closed
+        await self.factory.when_empty()
+        await self.port.stopListening()
+        await self.factory.http_pool.closeCachedConnections()
+        await self.bus.stopService()
+
+    async def join(self, project_id: str, user_id: str, **user_info: str) -> Client:
+        """
+        A client that has asked to join C{project_id}, without waiting for
+        its first USER_PRESENCE (with Redis, that one may already list
+        members of other instances).
+        """
+        c = await self.connect()
+        c.send_json({"type": "SET_USER", "payload": {"userId": user_id, "userInfo": user_info}})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": project_id})
+        return c
+
+
+class RedisTestCase(TestCase):
+    """A real redis-server and several server instances sharing it."""
+
+    timeout = 20
+
+    async def start_redis(self) -> RedisServer:
+        """A redis-server on a free port, stopped in cleanup."""
+        redis = RedisServer(free_port())
+        await redis.start()
+        self.addCleanup(redis.stop)
+        return redis
+
+    async def start_node(self, redis: RedisServer, **overrides: Any) -> Node:
+        """A server instance using C{redis}, listening on a free loopback port."""
+        config = replace(
+            Config(presence_window_seconds=0.0, ping_interval_seconds=0.0,
+                   redis_url=redis.url),
+            **overrides,
+        )
+        factory = build_factory(config, reactor)
+        bus = factory.bus
+        bus.reconnect_initial_delay = 0.05  # type: ignore[attr-defined]
+        bus.reconnect_max_delay = 0.25  # type: ignore[attr-defined]
+        bus.startService()  # type: ignore[attr-defined]
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            make_site(factory)
+        )
+        node = Node(factory, port)
+        self.addCleanup(self._stop_node, node)
+        await node.settled()
+        return node
+
+    async def _stop_node(self, node: Node) -> None:
+        await node.stop()
+        cancel_txaio_buckets()

@@ -107,9 +107,28 @@ class OptionsTests(SynchronousTestCase):
         with capturedLogs() as captured:
             makeService(options(environ={"ALLOWED_ORIGINS": "*", "NODE_ENV": "production"}),
                         MemoryReactorClock())
-        warnings = [e for e in captured if e["log_level"] == LogLevel.warn]
+        warnings = [e["log_format"] for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len([w for w in warnings if "ALLOWED_ORIGINS is *" in w]), 1)
+
+    def test_open_production_warns_once(self) -> None:
+        """Production without token verification or API token logs one clear warning."""
+        with capturedLogs() as captured:
+            makeService(options(environ={"NODE_ENV": "production"}), MemoryReactorClock())
+        warnings = [e["log_format"] for e in captured if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
-        self.assertIn("ALLOWED_ORIGINS", warnings[0]["log_format"])
+        self.assertIn("JWT_PUBLIC_KEY", warnings[0])
+        with capturedLogs() as captured:
+            makeService(options(environ={"NODE_ENV": "production", "API_TOKEN": "t"}),
+                        MemoryReactorClock())
+        self.assertEqual([e for e in captured if e["log_level"] == LogLevel.warn], [])
+
+    def test_bad_public_key_one_line(self) -> None:
+        """A JWT_PUBLIC_KEY that is not a key stops start-up naming the variable."""
+        e = self.assertRaises(SystemExit, makeService,
+                              options(environ={"JWT_PUBLIC_KEY": "not a key"}),
+                              MemoryReactorClock())
+        self.assertIn("JWT_PUBLIC_KEY", str(e.code))
+        self.assertNotIn("\n", str(e.code))
 
 
 class SilentClient(WebSocketClientProtocol):
@@ -134,6 +153,13 @@ class InMemoryPair:
         self.client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
         self.pump = iosim.connect(server, iosim.makeFakeServer(server),
                                   self.client, iosim.makeFakeClient(self.client))
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver everything: frames queued for the end of the turn, then the wire."""
+        for _ in range(3):
+            self.pump.flush()
+            self.clock.advance(0)
         self.pump.flush()
 
 
@@ -147,15 +173,15 @@ class LivenessTests(SynchronousTestCase):
         factory, client, pump, clock = pair.factory, pair.client, pair.pump, pair.clock
         self.assertEqual(len(factory.connections), 1)
         client.sendMessage(b'{"type":"JOIN_PROJECT","projectId":"p1","userId":"u1"}')
-        pump.flush()
+        pair.flush()
         self.assertEqual(factory.registry.member_count("p1"), 1)
         clock.advance(30)
-        pump.flush()
+        pair.flush()
         self.assertEqual(len(factory.connections), 1)  # ping sent, not yet overdue
         clock.advance(10.5)
-        pump.flush()
+        pair.flush()
         clock.advance(6)  # the close handshake times out too
-        pump.flush()
+        pair.flush()
         self.assertEqual(factory.connections, {})
         self.assertEqual(factory.registry.member_count("p1"), 0)
 
@@ -173,7 +199,7 @@ class LivenessTests(SynchronousTestCase):
         pair.clock.advance(2.9)
         self.assertNoResult(done)
         pair.clock.advance(0.2)
-        pair.pump.flush()
+        pair.flush()
         self.assertEqual(pair.factory.connections, {})
         self.successResultOf(done)
 
