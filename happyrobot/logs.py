@@ -40,8 +40,10 @@ def set_level(name: str) -> None:
     """Apply C{name} (error, warn, info or debug) to our loggers and Autobahn's."""
     global _debug
     _predicate.setLogLevelForNamespace(None, _LEVELS[name])  # type: ignore[arg-type]
-    # Autobahn narrates its own lifecycle at info; at our info keep it to warnings.
-    txaio.set_global_log_level({"info": "warn"}.get(name, name))
+    # Autobahn narrates its lifecycle at info and, at debug, whole handshakes
+    # with their headers, cookies and ?token= URLs: keep it at warnings
+    # unless we are quieter still.
+    txaio.set_global_log_level("error" if name == "error" else "warn")
     _debug = name == "debug"
 
 

@@ -69,6 +69,7 @@ class SetUser:
     user_id: str | None
     user_info: Mapping[str, str]
     token: str | None = None
+    operation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class JoinProject:
 
     project_id: str
     user: SetUser | None
+    operation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class LeaveProject:
     """LEAVE_PROJECT."""
 
     project_id: str
+    operation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ def _set_user(obj: Mapping[str, Any], op: str | None) -> SetUser:
         None if user_id is None else _user_id(user_id, op),
         _user_info(payload.get("userInfo"), op),
         token,
+        op,
     )
 
 
@@ -255,9 +259,9 @@ def parse(data: bytes | str) -> ClientMessage:
         user = None
         if obj.get("userId") is not None:
             user = SetUser(_user_id(obj["userId"], op), {})
-        return JoinProject(project_id, user)
+        return JoinProject(project_id, user, op)
     if kind == "LEAVE_PROJECT":
-        return LeaveProject(_project_id(obj, op))
+        return LeaveProject(_project_id(obj, op), op)
     if kind == "SET_USER":
         return _set_user(obj, op)
     raise ProtocolError("UNKNOWN_TYPE", f"Unknown message type: {kind[:MAX_TYPE_CHARS]}", op)

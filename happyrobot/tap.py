@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -164,8 +163,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if IService.providedBy(factory.bus):
         # First child: it starts connecting to Redis before the port opens.
         factory.bus.setServiceParent(service)
-    endpoint = serverFromString(reactor, config.port)
-    StreamServerEndpointService(endpoint, make_site(factory)).setServiceParent(service)
+    # strports.service makes a port that cannot be bound (in use, no
+    # permission) stop start-up with an error instead of running portless.
+    strports.service(config.port, make_site(factory), reactor=reactor).setServiceParent(service)
     DrainService(factory, config.shutdown_timeout_seconds).setServiceParent(service)
     service.factory = factory  # type: ignore[attr-defined]
     if config.production and "*" in config.allowed_origins:

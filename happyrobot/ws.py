@@ -160,17 +160,31 @@ class CollabProtocol(WebSocketServerProtocol):
         self.flush()
         writer.write(data)
 
+    def _close(self, code: int, reason: str) -> None:
+        """
+        Start closing with a protocol close code (Autobahn's sendClose()
+        only takes 1000 and 3000-4999).  Frames queued this turn still go
+        first; nothing after.  Autobahn drops the connection if the client
+        does not answer within the close handshake timeout.
+        """
+        self.flush()
+        self._out = None
+        self.sendCloseFrame(code, reason.encode("utf-8"))
+
     def _drop_slow_reader(self) -> None:
-        # A close frame would wait behind the data the client is not
-        # reading, so abort at once: that frees the buffer now.  The client
-        # sees an abnormal closure; we log and count it as 1013.
+        # Twisted holds more than MAX_BUFFER_BYTES for a client that is not
+        # reading: accept nothing more for it and close with 1013.  A slow
+        # client reads the close after its backlog; one that stopped
+        # reading is dropped when the close handshake times out, which
+        # frees the buffer.
         if self._out is None:
             return
-        self._out = None
-        log.warn("{client_id} reads too slowly; dropped (1013)", client_id=self.client_id)
-        self.dropConnection(abort=True)
+        log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
+        self._close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._out is None:
+            return  # closing: nothing more is answered
         if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
             self._rate_limited()
             return
@@ -180,14 +194,14 @@ class CollabProtocol(WebSocketServerProtocol):
             # the order sent.
             if len(self._backlog) >= MAX_BACKLOG:
                 log.warn("{client_id} sent too much while waiting", client_id=self.client_id)
-                self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Too many messages while busy")
+                self._close(CLOSE_POLICY_VIOLATION, "Too many messages while busy")
                 return
             self._backlog.append((payload, isBinary))
             return
         self._handle(payload, isBinary)
 
     def _handle(self, payload: bytes, isBinary: bool) -> None:
-        op = None
+        msg = None
         try:
             if isBinary:
                 raise messages.ProtocolError(
@@ -209,18 +223,20 @@ class CollabProtocol(WebSocketServerProtocol):
                 waiting = self._on_set_user(msg)
             if waiting is not None:
                 self._busy = waiting
-                waiting.addErrback(self._failed)
+                waiting.addErrback(self._failed, msg.operation_id)
                 waiting.addBoth(self._resume)
         except Exception:
-            self._failed(Failure())
+            self._failed(Failure(), getattr(msg, "operation_id", None))
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, operation_id: str | None = None) -> None:
         if failure.check(messages.ProtocolError):
             err = failure.value
+            if err.operation_id is None:
+                err.operation_id = operation_id  # every ERROR echoes the message's operationId
         else:
             log.failure("{client_id}: error handling a message", failure,
                         client_id=self.client_id)
-            err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error")
+            err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error", operation_id)
         self.send(text_frame(messages.error(err, self._now_ms())))
 
     def _resume(self, _: object) -> None:
@@ -232,7 +248,7 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._bucket is not None and self._bucket.abusive:
             log.warn("{client_id} kept sending past its rate limit; closing with 1008",
                      client_id=self.client_id)
-            self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Rate limit exceeded")
+            self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
             return
         err = messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down")
         self.send(text_frame(messages.error(err, self._now_ms())))
@@ -303,13 +319,16 @@ class CollabProtocol(WebSocketServerProtocol):
     def _token_expired(self) -> None:
         self._expiry = None
         log.info("{client_id}: session token expired; closing", client_id=self.client_id)
-        self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"Session token expired")
+        self._close(CLOSE_POLICY_VIOLATION, "Session token expired")
 
     def _on_join(self, msg: messages.JoinProject) -> Deferred[None] | None:
         if msg.user is not None:
-            # A userId on JOIN_PROJECT sets the user as SET_USER does, but
-            # keeps the userInfo already given.
-            self._claim(msg.user.user_id, self._user_info)
+            # A userId on JOIN_PROJECT sets the user as SET_USER does; the
+            # userInfo already given is kept only if it is the same user.
+            same = msg.user.user_id == self.user_id
+            self._claim(msg.user.user_id, self._user_info if same else {})
+        elif self.user_id is None and self._identity is not None:
+            self._set_user(self._identity.user_id, {})  # identified by the URL token
         if self.user_id is None:
             if self.factory.verifier is not None:
                 raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
@@ -485,15 +504,18 @@ class EchoFactory(CollabFactory):
     """
     The factory behind ``/echo``: made from the main factory's own
     arguments, so its protocol options are the same, and sharing the main
-    factory's open connections, connection limiter, auth hooks and drain
-    state, so the limits count both endpoints, /health counts both and a
-    shutdown closes and waits for both.
+    factory's open connections, per-turn flusher, connection limiter, auth
+    hooks and drain state, so writes are batched together, the limits count
+    both endpoints, /health counts both and a shutdown closes and waits for
+    both.
     """
 
     protocol = EchoProtocol
 
     connections = _SharedWithMain()  # type: ignore[assignment]
+    flusher = _SharedWithMain()  # type: ignore[assignment]
     limiter = _SharedWithMain()  # type: ignore[assignment]
+    http_pool = _SharedWithMain()
     verifier = _SharedWithMain()  # type: ignore[assignment]
     authorizer = _SharedWithMain()  # type: ignore[assignment]
     draining = _SharedWithMain()  # type: ignore[assignment]

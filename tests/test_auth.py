@@ -269,10 +269,14 @@ class IdentityTests(ServerTestCase):
         c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_url"})
         msg = await c.next_of("USER_PRESENCE")
         self.assertEqual(msg["payload"]["activeUsers"][0]["userId"], "user_url")
+        plain = await self.connect(path=f"/ws?token={token('user_plain')}")
+        plain.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})  # no SET_USER needed
+        msg = await plain.next_of("USER_PRESENCE")
+        self.assertIn("user_plain", [u["userId"] for u in msg["payload"]["activeUsers"]])
         bad = await self.connect(path="/ws?token=garbage", expect_open=False)
         await self.assertFailure(bad.opened, ConnectionError)
         await bad.closed
-        self.assertEqual(self.factory.limiter.total, 1)  # the refused one is not counted
+        self.assertEqual(self.factory.limiter.total, 2)  # the refused one is not counted
 
     async def test_messages_wait_for_verification(self) -> None:
         """Frames sent right after SET_USER are handled after it, in order."""
@@ -373,7 +377,7 @@ class ProjectAuthorizationTests(ServerTestCase):
         await a.next_of("USER_PRESENCE")
         a.send_json({"type": "JOIN_PROJECT", "projectId": "p2", "operationId": "j2"})
         err = await a.next_of("ERROR")
-        self.assertEqual(err["code"], "FORBIDDEN")
+        self.assertEqual((err["code"], err["operationId"]), ("FORBIDDEN", "j2"))
         self.assertNotIn("p2", self.factory.registry)
         query, auth_header = backend.requests[0]
         self.assertEqual((query["userId"], query["projectId"]), (["user_a"], ["p1"]))

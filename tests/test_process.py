@@ -58,3 +58,12 @@ class TwistdProcessTests(ServerTestCase):
         self.assertEqual(await proc.ended, 1)
         self.assertIn(b"PORT must be", proc.output)
         self.assertNotIn(b"Traceback", proc.output)
+
+    async def test_port_in_use_stops_startup(self) -> None:
+        """A port that cannot be bound stops the process instead of running portless."""
+        self.start_server()
+        proc, _ = spawn_twistd(["--port", f"tcp:{self.port_number}:interface=127.0.0.1",
+                                "--env-file="])
+        code = await proc.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"Address already in use", proc.output)

@@ -94,6 +94,16 @@ class PresenceTests(ServerTestCase):
         self.assertEqual(msg["payload"]["activeUsers"][0]["userId"], "user_2xyz")
         self.assertEqual(msg["payload"]["activeUsers"][0]["initials"], "YZ")
 
+    async def test_join_as_other_user_drops_old_user_info(self) -> None:
+        """A JOIN_PROJECT naming another user does not keep the previous user's initials."""
+        self.start_server()
+        c = await self.connect()
+        c.send_json({"type": "SET_USER", "payload": {"userId": "user_a",
+                                                     "userInfo": {"email": "bob@x.io"}}})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_zz"})
+        msg = await c.next_of("USER_PRESENCE")
+        self.assertEqual(msg["payload"]["activeUsers"][0]["initials"], "ZZ")
+
     async def test_top_level_user_id_in_set_user(self) -> None:
         """SET_USER accepts a top-level userId."""
         self.start_server()
@@ -107,9 +117,10 @@ class PresenceTests(ServerTestCase):
         """JOIN_PROJECT before any user id is refused with NOT_IDENTIFIED and joins nothing."""
         self.start_server()
         c = await self.connect()
-        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "operationId": "op-j"})
         msg = await c.next()
         self.assertEqual((msg["type"], msg["code"]), ("ERROR", "NOT_IDENTIFIED"))
+        self.assertEqual(msg["operationId"], "op-j")
         self.assertNotIn("p1", self.factory.registry)
 
     async def test_set_user_change_updates_presence(self) -> None:
