@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/happyrobot_ws.py"]},
+    package_data={"twisted": ["plugins/happyrobot_ws.py"], "happyrobot": ["static/*"]},
     python_requires=">=3.11",
     install_requires=[
         "twisted>=24.7,<27",
@@ -19,7 +19,9 @@ setup(
         "orjson>=3.9,<4",
         "pyjwt[crypto]>=2.8,<3",
         "treq>=23.11,<27",
+        "prometheus_client>=0.20,<1",
     ],
+    entry_points={"console_scripts": ["happyrobot = happyrobot.__main__:main"]},
     extras_require={
         "test": ["coverage>=7.4,<8", "hypothesis>=6.100,<7"],
         "dev": ["ruff", "mypy", "mypy-zope"],

@@ -16,11 +16,26 @@ reactor.
 Redis names (see also the README):
 
   - channel ``happyrobot:project:<projectId>``: one message per event, an
-    envelope of four newline-separated fields,
-    C{kind \\n instance id \\n sender client id (may be empty) \\n body}.
-    Kind C{E} is an event and the body the already framed WebSocket
-    message (serialised and framed once, by the publisher); kind C{P}
-    (empty body) says the room's presence changed.
+    envelope of five newline-separated fields,
+    C{kind \\n instance id \\n sender client id (may be empty) \\n seq
+    (may be empty) \\n body}.  Kind C{E} is an event: its seq and its JSON
+    (with ``seq``), framed by each receiving instance once for all its
+    members; kind C{P} (no seq, empty body) says the room's presence
+    changed.
+  - string ``happyrobot:seq:<projectId>``: the room's last seq.  Made,
+    when missing, as the Redis time in milliseconds minus one, so numbers
+    given out after a data loss are higher than any before it (the epoch
+    idea of L{happyrobot.history}).  It expires C{history_ttl} after the
+    last event, refreshed meanwhile by every instance with local members.
+  - stream ``happyrobot:history:<projectId>``: the room's recent events,
+    entry ID C{<seq>-0}, fields C{t} (Redis time in ms), C{e} (the JSON
+    with ``seq``) and, for a client's event, C{s} (C{instance \\n client
+    id}, so a catch-up skips the sender as live delivery does).  Trimmed
+    by count (C{MAXLEN ~ history_size}) and by age (C{XTRIM MINID} past the
+    front entries older than C{history_ttl}).
+  - string ``happyrobot:op:<JSON [projectId, userId, operationId]>``: the
+    seq of an acknowledged event, for C{history_ttl}, so a retry is
+    recognised while the event is in the history.
   - hash ``happyrobot:presence:<projectId>``: one field per instance with
     local members in the room, its value the JSON list of their
     USER_PRESENCE entries.
@@ -29,11 +44,19 @@ Redis names (see also the README):
     C{{"startedAt", "connections", "projects": {projectId: [clientId]}}}.
     Its expiry is how the others learn that an instance died.
   - set ``happyrobot:instances``: instance ids, for ``/stats``.
+
+Numbering, storing and publishing an event is one Lua script
+(L{APPEND_SCRIPT}), so the channel carries every room's events in seq
+order; reading the history is another (L{READ_SCRIPT}).  Both keys of a
+room are named in C{KEYS}; they are not hash-tagged, so this is for a
+single Redis (or one with replicas), not Redis Cluster.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+from dataclasses import dataclass
 import os
 import random
 import secrets
@@ -43,19 +66,27 @@ from typing import Any, Callable, Protocol
 import orjson
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from happyrobot import logs
+from happyrobot import logs, messages
 from happyrobot.config import RedisAddress, redis_address
+from happyrobot.framing import text_frame
+from happyrobot.history import Histories, OpKey
+from happyrobot.messages import ProtocolError
 from happyrobot.rooms import RoomRegistry
 
 log = logs.get_logger(__name__)
 
 CHANNEL_PREFIX = b"happyrobot:project:"
+SEQ_PREFIX = b"happyrobot:seq:"
+HISTORY_PREFIX = b"happyrobot:history:"
+OP_PREFIX = b"happyrobot:op:"
 PRESENCE_PREFIX = b"happyrobot:presence:"
 INSTANCE_PREFIX = b"happyrobot:instance:"
 INSTANCES_KEY = b"happyrobot:instances"
@@ -67,6 +98,20 @@ GOODBYE_TIMEOUT_SECONDS = 2.0
 #: First and longest wait between reconnection attempts (exponential backoff).
 RECONNECT_INITIAL_DELAY_SECONDS = 0.5
 RECONNECT_MAX_DELAY_SECONDS = 10.0
+#: How long a replay waits for the live events it covers to reach this
+#: instance (normally a round trip; longer only while Redis is away).
+REPLAY_DELIVERY_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a client resuming with ``since`` missed."""
+
+    #: The room's events after ``since`` (JSON with ``seq``), oldest first;
+    #: None when the history no longer reaches back that far.
+    events: list[bytes] | None
+    #: The room's latest seq when the history was read.
+    seq: int
 
 
 class Bus(Protocol):
@@ -76,8 +121,29 @@ class Bus(Protocol):
     def healthy(self) -> bool:
         """Whether events currently reach every instance."""
 
-    def publish(self, project_id: str, frame: bytes, exclude: str | None = None) -> None:
-        """Deliver a framed event to every member of C{project_id} but C{exclude}."""
+    def append(
+        self,
+        project_id: str,
+        event: bytes,
+        exclude: str | None = None,
+        op_key: OpKey | None = None,
+    ) -> Deferred[int]:
+        """
+        Number C{event} (a serialised JSON object) as the room's next event
+        across the deployment, keep it in the room's history, and deliver it
+        with its ``seq`` to every member of the room but connection
+        C{exclude}.  Fires with the seq.  With the C{op_key} of an event
+        still in the history (a retry), fires with the original seq and
+        delivers nothing.
+        """
+
+    def replay(self, project_id: str, since: int) -> Deferred[Replay]:
+        """
+        The room's events after C{since}.  The caller has joined the room
+        with C{hold=True}, so live events wait for it meanwhile; the history
+        is read once this instance is sure to receive the room's live
+        events, so that nothing falls between the two.
+        """
 
 
 class LocalBus:
@@ -85,11 +151,32 @@ class LocalBus:
 
     healthy = True
 
-    def __init__(self, registry: RoomRegistry) -> None:
+    def __init__(self, registry: RoomRegistry, histories: Histories, clock: IReactorTime) -> None:
         self._registry = registry
+        self._histories = histories
+        self._clock = clock
 
-    def publish(self, project_id: str, frame: bytes, exclude: str | None = None) -> None:
-        self._registry.deliver(project_id, frame, exclude)
+    def append(
+        self,
+        project_id: str,
+        event: bytes,
+        exclude: str | None = None,
+        op_key: OpKey | None = None,
+    ) -> Deferred[int]:
+        now = self._clock.seconds()
+        seq, data = self._histories.get(project_id, now).append(event, now, op_key)
+        if data is not None:
+            self._registry.deliver(project_id, text_frame(data), exclude, seq)
+        return succeed(seq)
+
+    def replay(self, project_id: str, since: int) -> Deferred[Replay]:
+        now = self._clock.seconds()
+        history = self._histories.get(project_id, now)
+        return succeed(Replay(history.since(since, now), history.seq))
+
+    def sweep(self) -> None:
+        """Forget the histories whose events have all aged out."""
+        self._histories.sweep(self._clock.seconds())
 
 
 # ------------------------------------------------------------------ Redis
@@ -143,19 +230,172 @@ def merge_stats(instances: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def pack_envelope(kind: bytes, instance_id: bytes, sender: str | None, body: bytes) -> bytes:
-    """One Redis message: kind, publishing instance, sending client, body."""
-    return b"\n".join((kind, instance_id, (sender or "").encode("ascii"), body))
+def seq_key(project_id: str) -> bytes:
+    """The Redis string holding a room's last seq."""
+    return SEQ_PREFIX + project_id.encode("utf-8", "surrogatepass")
 
 
-def unpack_envelope(data: bytes) -> tuple[bytes, bytes, str | None, bytes]:
+def history_key(project_id: str) -> bytes:
+    """The Redis stream of a room's recent events."""
+    return HISTORY_PREFIX + project_id.encode("utf-8", "surrogatepass")
+
+
+def op_key_name(project_id: str, op_key: OpKey) -> bytes:
+    """The Redis string remembering the seq of one acknowledged operation."""
+    return OP_PREFIX + orjson.dumps([project_id, op_key[0], op_key[1]])
+
+
+def pack_envelope(
+    kind: bytes, instance_id: bytes, sender: str | None, body: bytes, seq: int | None = None
+) -> bytes:
+    """One Redis message: kind, publishing instance, sending client, seq, body."""
+    return envelope_head(kind, instance_id, sender) + (b"%d" % seq if seq is not None else b"") \
+        + b"\n" + body
+
+
+def envelope_head(kind: bytes, instance_id: bytes, sender: str | None) -> bytes:
+    """The first three fields of an envelope (the append script adds the seq and body)."""
+    return b"\n".join((kind, instance_id, (sender or "").encode("ascii"), b""))
+
+
+def unpack_envelope(data: bytes) -> tuple[bytes, bytes, str | None, int | None, bytes]:
     """
-    The fields of L{pack_envelope}; the sender is None when empty.
+    The fields of L{pack_envelope}; the sender and seq are None when empty.
 
     @raise ValueError: when C{data} is not an envelope.
     """
-    kind, instance_id, sender, body = data.split(b"\n", 3)
-    return kind, instance_id, sender.decode("ascii") or None, body
+    kind, instance_id, sender, seq, body = data.split(b"\n", 4)
+    return kind, instance_id, sender.decode("ascii") or None, int(seq) if seq else None, body
+
+
+class Unavailable(ProtocolError):
+    """
+    Redis cannot be reached: the event was not numbered (so it was sent to
+    nobody), or the history could not be read.  An C{ERROR} with code
+    C{UNAVAILABLE}; the client retries (an event with the same
+    operationId is not delivered twice).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)
+
+
+#: Lua shared by both scripts.  Redis time is frozen while a script runs,
+#: so every key expires (or not) as of the same instant.
+_LUA_COMMON = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function num(n)
+  return string.format('%d', n)
+end
+
+local function id_seq(id)
+  return tonumber(string.match(id, '^(%d+)'))
+end
+
+-- Drop the front entries added before cutoff (field t, first of each
+-- entry); return the oldest seq kept, or nil when none is left.
+local function trim_age(stream, cutoff)
+  local count = 1
+  while true do
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
+    if #batch == 0 then return nil end
+    for i, entry in ipairs(batch) do
+      if tonumber(entry[2][2]) >= cutoff then
+        if i > 1 then redis.call('XTRIM', stream, 'MINID', entry[1]) end
+        return id_seq(entry[1])
+      end
+    end
+    redis.call('XTRIM', stream, 'MINID', num(id_seq(batch[#batch][1])) .. '-1')
+    if #batch < count then return nil end
+    count = 128
+  end
+end
+
+-- The room's last seq, starting a new epoch (now in ms) when it is missing.
+local function current_seq(seq_key, stream, now, ttl)
+  local seq = redis.call('GET', seq_key)
+  if seq then return tonumber(seq) end
+  seq = now - 1
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #last > 0 and id_seq(last[1][1]) > seq then seq = id_seq(last[1][1]) end
+  redis.call('SET', seq_key, num(seq), 'PX', ttl)
+  return seq
+end
+"""
+
+#: Number, store and publish one event.
+#: KEYS: seq key, history stream, [op key].  ARGV: the event's JSON
+#: (without seq), channel, envelope head, history size, history TTL in ms,
+#: sender tag (or '').  Returns {seq, 1 if a retry of a kept event else 0}.
+APPEND_SCRIPT = _LUA_COMMON + r"""
+local now = now_ms()
+local ttl = tonumber(ARGV[5])
+local oldest = trim_age(KEYS[2], now - ttl)
+current_seq(KEYS[1], KEYS[2], now, ttl)
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen and oldest and tonumber(seen) >= oldest then
+    return {tonumber(seen), 1}
+  end
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+local s = num(seq)
+local data = string.sub(ARGV[1], 1, -2) .. ',"seq":' .. s .. '}'
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], s .. '-0',
+             't', num(now), 'e', data, 's', ARGV[6])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], s .. '-0', 't', num(now), 'e', data)
+end
+redis.call('PEXPIRE', KEYS[2], ttl)
+if KEYS[3] then redis.call('SET', KEYS[3], s, 'PX', ttl) end
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. s .. '\n' .. data)
+return {seq, 0}
+"""
+
+#: Read a room's events after a seq.
+#: KEYS: seq key, history stream.  ARGV: since ('' for the seq alone),
+#: history size, history TTL in ms.  Returns {seq, 0} when the history
+#: does not reach back to since (or since is above seq), else
+#: {seq, 1, event, sender tag, event, sender tag, ...} oldest first.
+READ_SCRIPT = _LUA_COMMON + r"""
+local now = now_ms()
+local ttl = tonumber(ARGV[3])
+local oldest = trim_age(KEYS[2], now - ttl)
+local seq = current_seq(KEYS[1], KEYS[2], now, ttl)
+if ARGV[1] == '' then return {seq, 0} end
+local since = tonumber(ARGV[1])
+if since > seq or seq - since > tonumber(ARGV[2]) then return {seq, 0} end
+if since == seq then return {seq, 1} end
+if not oldest or oldest > since + 1 then return {seq, 0} end
+local entries = redis.call('XRANGE', KEYS[2], num(since + 1) .. '-0', num(seq) .. '-0')
+if #entries ~= seq - since then return {seq, 0} end
+local reply = {seq, 1}
+for _, entry in ipairs(entries) do
+  reply[#reply + 1] = entry[2][4]
+  reply[#reply + 1] = entry[2][6] or ''
+end
+return reply
+"""
+
+
+class _Script:
+    """A Lua script and its SHA1, for EVALSHA."""
+
+    __slots__ = ("source", "sha")
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode("utf-8")
+        self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
+
+
+_APPEND = _Script(APPEND_SCRIPT)
+_READ = _Script(READ_SCRIPT)
 
 
 def new_instance_id() -> str:
@@ -166,21 +406,46 @@ def new_instance_id() -> str:
 
 class _Channel:
     """
-    This instance's subscription to one room that has local members.
+    This instance's subscription to one room that has local members, and
+    where its delivery of the room's events stands.
 
-    Until Redis confirms the SUBSCRIBE, events published for the room wait
-    in C{backlog}: publishing them at once could overtake the SUBSCRIBE (the
-    two go over different connections) and the room's own local members
-    would miss them.
+    The room's events reach the local members in seq order with no gap
+    and no duplicate from C{last} on (see L{RedisBus}): a live event
+    numbered C{last + 1} is delivered at once; anything else waits in
+    C{buffer} while the missing range is read from the history.
+
+    Until Redis confirms the SUBSCRIBE, presence announcements wait in
+    C{backlog}: publishing them at once could overtake the SUBSCRIBE (the
+    two go over different connections) and our own members would miss
+    them.
     """
 
-    __slots__ = ("confirmed", "backlog")
+    __slots__ = ("confirmed", "subscribing", "backlog", "last", "stale", "reading",
+                 "buffer", "overflow")
 
     def __init__(self) -> None:
         self.confirmed = False
+        self.subscribing = False
         #: (envelope, local fallback) in publishing order; the fallback
         #: serves the local members if the envelope never reaches Redis.
         self.backlog: list[tuple[bytes, Callable[[], object]]] = []
+        #: The last seq delivered (or known to be before our members'
+        #: time); None until read, before the first SUBSCRIBE.
+        self.last: int | None = None
+        #: Events may be missing after C{last}: read the history before
+        #: delivering more (set on every (re)subscription and on a gap).
+        self.stale = True
+        #: A script reading this room's seq or history is running.
+        self.reading = False
+        #: Live events waiting while stale: (seq, JSON, excluded client).
+        self.buffer: list[tuple[int, bytes, str | None]] = []
+        #: The buffer overflowed and was dropped: read again afterwards.
+        self.overflow = False
+
+    @property
+    def synced(self) -> bool:
+        """Subscribed, and everything up to C{last} delivered."""
+        return self.confirmed and not self.stale and not self.reading
 
 
 class _RedisClientFactory(Factory):
@@ -278,13 +543,26 @@ class RedisBus(Service):
     L{room_closed}).
 
     Ordering: every instance, the sender's included, delivers events from
-    its subscription, never directly.  Redis executes PUBLISHes one at a
-    time and sends each channel's messages to every subscriber in that
-    order, so all members of a room, on any instance, see the room's events
-    in one order.  The sending connection is skipped by comparing the
-    envelope's (instance id, client id) with our own.  Until Redis has
-    confirmed a room's SUBSCRIBE, what we publish for it waits, so that it
-    cannot overtake the SUBSCRIBE and miss our own members.
+    its subscription, never directly.  L{append} runs one Lua script that
+    numbers the event (the room's seq key), stores it in the room's stream
+    and PUBLISHes it; Redis runs scripts one at a time and sends each
+    channel's messages to every subscriber in that order, so every
+    instance receives a room's events in seq order.  The sending
+    connection is skipped by comparing the envelope's (instance id,
+    client id) with our own.
+
+    No gap, no duplicate: each room remembers the last seq it delivered
+    (L{_Channel.last}).  When a room opens, that is its seq as read before
+    the SUBSCRIBE is sent; after every (re)subscription, and whenever a
+    live event skips a number, the history after C{last} is read and
+    delivered first (live events wait meanwhile, and those already
+    delivered are dropped by seq), or, if the history no longer reaches
+    back that far (e.g. Redis lost its data), every local member of the
+    room gets RESYNC_REQUIRED with the current seq.  So events published
+    while our subscription was down, or before it was confirmed, are
+    delivered late but in order, never silently lost.  L{replay} reads the
+    history for a resuming client only once its room is in that state, so
+    every later event reaches the client's hold.
 
     Presence: each instance keeps its local members of a room in the room's
     presence hash (one field per instance) and publishes a C{P} envelope on
@@ -297,11 +575,16 @@ class RedisBus(Service):
     about 1.3 C{instance_ttl}.
 
     Faults: while either connection is down the bus is not L{healthy}
-    (``/health`` says degraded); events and presence are delivered straight
-    to this instance's own members, so local rooms keep working; nothing
-    crosses instances and nothing is replayed later.  On reconnection every
-    room with local members is subscribed again (txredisapi keeps no list
-    of subscriptions) and our presence is registered again.
+    (``/health`` says degraded).  While the command connection is down
+    L{append} and L{replay} fail with L{Unavailable} (an ERROR with code
+    C{UNAVAILABLE}: the client retries, and a retry with the same
+    operationId is not delivered twice): an event delivered locally
+    without a seq would either be missing from the history or make a gap
+    that no one could fill.  Presence is still announced to our own
+    members.  On reconnection the scripts are loaded again (and once more
+    on NOSCRIPT), every room with local members is subscribed again
+    (txredisapi keeps no list of subscriptions) and caught up as above,
+    and our presence is registered again.
     """
 
     def __init__(
@@ -313,8 +596,13 @@ class RedisBus(Service):
         instance_ttl: float = 10.0,
         reconnect_initial_delay: float = RECONNECT_INITIAL_DELAY_SECONDS,
         reconnect_max_delay: float = RECONNECT_MAX_DELAY_SECONDS,
+        history_size: int = 1000,
+        history_ttl_seconds: float = 300.0,
     ) -> None:
         self._registry = registry
+        #: Bounds of each room's history (HISTORY_SIZE, HISTORY_TTL_SECONDS).
+        self.history_size = history_size
+        self.history_ttl_seconds = history_ttl_seconds
         self._address = redis_address(url)
         self._reactor = reactor
         self.instance_id = instance_id or new_instance_id()
@@ -342,6 +630,8 @@ class RedisBus(Service):
         #: Rooms whose presence is being read: True when it must be read again.
         self._refreshing: dict[str, bool] = {}
         self._heartbeat: LoopingCall | None = None
+        #: When the seq keys of our rooms were last kept from expiring.
+        self._seq_refreshed_at = 0.0
 
     # ------------------------------------------------------------ Bus
 
@@ -350,17 +640,137 @@ class RedisBus(Service):
         """Whether both Redis connections are up."""
         return self._commands is not None and self._subscriber is not None
 
-    def publish(self, project_id: str, frame: bytes, exclude: str | None = None) -> None:
+    def append(
+        self,
+        project_id: str,
+        event: bytes,
+        exclude: str | None = None,
+        op_key: OpKey | None = None,
+    ) -> Deferred[int]:
         """
-        Send C{frame} to the members of C{project_id} on every instance but
-        the connection C{exclude}: through Redis while the link is up, to
-        the local members only while it is down.
+        Number C{event} as the room's next event, store it in the room's
+        history and publish it, all in one script; every instance with
+        members in the room delivers it from its subscription (this one
+        too, skipping C{exclude}).  Fires with the seq (the original one for
+        a retry of a kept C{op_key}, which is not published again).
+
+        @raise Unavailable: (as the Deferred's failure) while Redis is
+            unreachable, or when the script's reply was lost with the
+            connection (the event may then have been numbered: a retry with
+            the same op key finds it).
         """
-        if not self.healthy:
-            self._registry.deliver(project_id, frame, exclude)
-            return
-        envelope = pack_envelope(EVENT, self._instance, exclude, frame)
-        self._send(project_id, envelope, lambda: self._registry.deliver(project_id, frame, exclude))
+        if not event.endswith(b"}"):
+            return fail(ValueError("an event is a serialised JSON object"))
+        if self._commands is None:
+            return fail(Unavailable("The event could not be stored; try again"))
+        keys = [seq_key(project_id), history_key(project_id)]
+        if op_key is not None:
+            keys.append(op_key_name(project_id, op_key))
+        tag = self._instance + b"\n" + exclude.encode("ascii") if exclude else b""
+        d = self._eval(_APPEND, keys, [
+            event, channel_name(project_id), envelope_head(EVENT, self._instance, exclude),
+            self.history_size, self._history_ttl_ms(), tag,
+        ])
+
+        def appended(reply: list[Any]) -> int:
+            return int(reply[0])
+
+        return d.addCallbacks(appended, self._unavailable, errbackArgs=(
+            "The event could not be stored; try again",))
+
+    def replay(self, project_id: str, since: int) -> Deferred[Replay]:
+        """
+        The room's events after C{since}, read once this instance has
+        subscribed to the room and delivered everything up to then (the
+        caller has joined the room, with C{hold=True}, which opened it), so
+        that every later event reaches the hold; fires once the live events
+        up to the seq read have reached the hold too, so that release()
+        drops every one of them the replay covers.
+
+        @raise Unavailable: (as the Deferred's failure) while Redis is
+            unreachable.
+        """
+        return Deferred.fromCoroutine(self._replay(project_id, since))
+
+    async def _replay(self, project_id: str, since: int) -> Replay:
+        message = "The room's history could not be read; join again"
+        if self._commands is None:
+            raise Unavailable(message)
+        channel = self._channels.get(project_id)
+        if channel is not None:  # else no local member: no hold to protect
+            await self.when(lambda: channel.synced or self._commands is None
+                            or self._channels.get(project_id) is not channel)
+            if self._commands is None:
+                raise Unavailable(message)
+        try:
+            seq, entries = await self._read(project_id, since)
+        except Exception:
+            self._unavailable(Failure(), message).raiseException()
+        if channel is not None:
+            # The events up to seq may still be on their way on the
+            # subscriber connection (the read's reply came on the other
+            # one): wait until they have reached the registry, and so the
+            # hold, where release() drops them, or they would come twice.
+            delivered = self.when(lambda: (channel.last or 0) >= seq
+                                  or self._channels.get(project_id) is not channel)
+            try:
+                await delivered.addTimeout(REPLAY_DELIVERY_TIMEOUT_SECONDS, self._reactor)
+            except defer.TimeoutError:
+                log.warn("{project_id}: live events up to {seq} were slow to arrive; "
+                         "resuming anyway", project_id=project_id, seq=seq)
+        return Replay(None if entries is None else entries[::2], seq)
+
+    def _read(self, project_id: str, since: int | None) -> Deferred[tuple[int, list[bytes] | None]]:
+        """
+        Run the read script: the room's seq, and its events after C{since}
+        with their sender tags (C{[event, tag, event, tag...]}), None when
+        the history does not reach back (or C{since} is None).
+        """
+        d = self._eval(_READ, [seq_key(project_id), history_key(project_id)], [
+            b"" if since is None else b"%d" % since, self.history_size, self._history_ttl_ms(),
+        ])
+
+        def parsed(reply: list[Any]) -> tuple[int, list[bytes] | None]:
+            return int(reply[0]), (list(reply[2:]) if int(reply[1]) else None)
+
+        return d.addCallback(parsed)
+
+    def _load(self, script: _Script) -> None:
+        """SCRIPT LOAD, before the EVALSHAs that follow on the same connection."""
+
+        def failed(f: Failure) -> None:
+            if f.check("txredisapi.ResponseError"):
+                log.failure("Redis refused our script", f)
+
+        self._command("SCRIPT", "LOAD", script.source).addErrback(failed)
+
+    def _history_ttl_ms(self) -> int:
+        return max(1, int(self.history_ttl_seconds * 1000))
+
+    def _unavailable(self, failure: Failure, message: str) -> Failure:
+        """Log why a script failed and fail with L{Unavailable} instead."""
+        if failure.check("txredisapi.ResponseError"):
+            log.failure("a Redis script failed", failure)
+        else:
+            log.warn("Redis unreachable: {why}", why=failure.getErrorMessage())
+        return Failure(Unavailable(message))
+
+    def _eval(self, script: _Script, keys: list[bytes], args: list[Any]) -> Deferred[Any]:
+        """
+        EVALSHA C{script}; on NOSCRIPT (Redis restarted, or SCRIPT FLUSH)
+        load it and try once more.
+        """
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        d = self._command(*command)
+
+        def reload(failure: Failure) -> Deferred[Any] | Failure:
+            if "NOSCRIPT" not in failure.getErrorMessage():
+                return failure
+            log.info("Redis does not have our scripts: loading them again")
+            self._load(script)
+            return self._command(*command)
+
+        return d.addErrback(reload)
 
     async def cluster_stats(self) -> dict[str, Any]:
         """
@@ -394,14 +804,15 @@ class RedisBus(Service):
 
     def settled(self) -> bool:
         """
-        Whether the link is up and Redis has answered every SUBSCRIBE and
-        UNSUBSCRIBE sent so far: from then on every local room receives
-        events published anywhere.
+        Whether the link is up, Redis has answered every SUBSCRIBE and
+        UNSUBSCRIBE sent so far, and every local room has delivered its
+        events up to now: from then on every local room receives events
+        published anywhere.
         """
         return (
             self.healthy
             and self._in_flight == 0
-            and all(c.confirmed for c in self._channels.values())
+            and all(c.synced for c in self._channels.values())
         )
 
     def when(self, condition: Callable[[], bool]) -> Deferred[None]:
@@ -420,6 +831,8 @@ class RedisBus(Service):
             return
         waiting, self._waiters = self._waiters, []
         for condition, d in waiting:
+            if d.called:
+                continue  # timed out or cancelled
             if condition():
                 d.callback(None)
             else:
@@ -428,10 +841,12 @@ class RedisBus(Service):
     # ------------------------------------------------------------ RoomListener
 
     def room_opened(self, project_id: str) -> None:
-        """The first local member arrived: subscribe to the room's channel."""
-        channel = self._channels[project_id] = _Channel()
-        if self._subscriber is not None:
-            self._subscribe(project_id, channel)
+        """
+        The first local member arrived: read the room's seq, then subscribe
+        to its channel (see L{_sync}).
+        """
+        self._channels[project_id] = _Channel()
+        self._sync(project_id)
 
     def room_closed(self, project_id: str) -> None:
         """
@@ -533,7 +948,12 @@ class RedisBus(Service):
 
     def _commands_ready(self, proto: Any) -> None:
         self._commands = proto
+        # Before any EVALSHA on this connection (Redis may have restarted empty).
+        for script in (_APPEND, _READ):
+            self._load(script)
         self._link_changed()
+        for project_id in list(self._channels):
+            self._sync(project_id)
 
     def _commands_lost(self, proto: Any) -> None:
         if proto is self._commands:
@@ -542,16 +962,21 @@ class RedisBus(Service):
 
     def _subscriber_ready(self, proto: Any) -> None:
         self._subscriber = proto
-        for project_id, channel in self._channels.items():
-            channel.confirmed = False
-            self._subscribe(project_id, channel)
+        for channel in self._channels.values():
+            channel.confirmed = channel.subscribing = False
+            channel.stale = True
+        for project_id in list(self._channels):
+            self._sync(project_id)
         self._link_changed()
 
     def _subscriber_lost(self, proto: Any) -> None:
         if proto is self._subscriber:
             self._subscriber = None
+            # Whatever is published from now on reaches us only through a
+            # catch-up after the next SUBSCRIBE.
             for channel in self._channels.values():
-                channel.confirmed = False
+                channel.confirmed = channel.subscribing = False
+                channel.stale = True
             self._link_changed()
 
     def _answered(self, _: object = None) -> None:
@@ -571,7 +996,8 @@ class RedisBus(Service):
             self._changed()
             return
         if self.running:
-            log.error("Redis link lost: serving this instance's own rooms only until it is back")
+            log.error("Redis link lost: events are refused (UNAVAILABLE) until it is back, "
+                      "then the missed ones are delivered from the rooms' history")
         # What waited for a SUBSCRIBE will not reach Redis now: local members get it.
         for channel in self._channels.values():
             backlog, channel.backlog = channel.backlog, []
@@ -592,6 +1018,7 @@ class RedisBus(Service):
                 and self._channels.get(project_id) is channel
                 and self._subscriber is proto
             ):
+                channel.subscribing = False
                 channel.confirmed = True
                 backlog, channel.backlog = channel.backlog, []
                 for envelope, fallback in backlog:
@@ -599,6 +1026,7 @@ class RedisBus(Service):
                         self._publish(project_id, envelope)
                     else:
                         fallback()
+                self._sync(project_id)
             self._changed()
 
         # One channel per SUBSCRIBE: txredisapi matches one reply per command.
@@ -606,8 +1034,116 @@ class RedisBus(Service):
             d = proto.subscribe([channel_name(project_id)])
         except Exception:  # txredisapi's ConnectionError: subscribed again on reconnection
             return
+        channel.subscribing = True
         self._in_flight += 1
         d.addBoth(answered)
+
+    # ------------------------------------------------------------ delivery
+
+    def _sync(self, project_id: str) -> None:
+        """
+        Take one room's next step towards delivering its events from
+        C{last} on, when the links allow it: read its seq (a room just
+        opened), then SUBSCRIBE, then read and deliver what was published
+        after C{last} before the subscription took effect.  Called again
+        whenever a step ends or a link comes back.
+        """
+        channel = self._channels.get(project_id)
+        if channel is None or channel.reading or channel.subscribing:
+            return
+        if channel.last is None:
+            # The seq before the SUBSCRIBE is sent: every event after it
+            # arrives live or is read by the catch-up below.
+            if self._commands is not None:
+                self._read_for(project_id, channel, None)
+        elif not channel.confirmed:
+            if self._subscriber is not None:
+                self._subscribe(project_id, channel)
+        elif channel.stale and self._commands is not None:
+            self._read_for(project_id, channel, channel.last)
+
+    def _read_for(self, project_id: str, channel: _Channel, since: int | None) -> None:
+        channel.reading = True
+        d = self._read(project_id, since)
+
+        def done(result: tuple[int, list[bytes] | None] | Failure) -> None:
+            channel.reading = False
+            if self._channels.get(project_id) is not channel:
+                return  # the room closed meanwhile
+            if isinstance(result, Failure):
+                # Tried again when the command connection is back.
+                log.warn("reading the history of {project_id} failed: {why}",
+                         project_id=project_id, why=result.getErrorMessage())
+            elif since is None:
+                channel.last = result[0]
+            else:
+                self._caught_up(project_id, channel, *result)
+            self._sync(project_id)
+            self._changed()
+
+        d.addBoth(done)
+
+    def _caught_up(
+        self, project_id: str, channel: _Channel, seq: int, entries: list[bytes] | None
+    ) -> None:
+        """Deliver what the history holds after C{channel.last}, then what waited."""
+        last = channel.last
+        assert last is not None
+        if entries is None:
+            log.warn("{project_id}: events after {last} are no longer in the history; "
+                     "RESYNC_REQUIRED at {seq}", project_id=project_id, last=last, seq=seq)
+            now_ms = int(self._reactor.seconds() * 1000)
+            frame = text_frame(messages.resync_required(project_id, seq, now_ms))
+            self._registry.deliver(project_id, frame)
+            channel.last = seq
+        else:
+            if entries:
+                log.info("{project_id}: delivering {n} events missed by the subscription",
+                         project_id=project_id, n=len(entries) // 2)
+            for i in range(0, len(entries), 2):
+                self._deliver(project_id, channel, last + 1 + i // 2, entries[i], entries[i + 1])
+            channel.last = max(channel.last or seq, seq)
+        if channel.overflow:
+            channel.overflow = False  # live events were dropped: read again
+            return
+        channel.stale = False
+        waiting, channel.buffer = channel.buffer, []
+        for seq_, data, exclude in waiting:
+            self._receive(project_id, channel, seq_, data, exclude)
+
+    def _deliver(
+        self, project_id: str, channel: _Channel, seq: int, data: bytes, tag: bytes
+    ) -> None:
+        """Deliver one event read from the history (C{tag}: who sent it)."""
+        if seq <= (channel.last or 0):
+            return
+        channel.last = seq
+        instance, _, sender = tag.partition(b"\n")
+        exclude = sender.decode("ascii") if sender and instance == self._instance else None
+        self._registry.deliver(project_id, text_frame(data), exclude, seq)
+
+    def _receive(
+        self, project_id: str, channel: _Channel, seq: int, data: bytes, exclude: str | None
+    ) -> None:
+        """One live event: deliver it if it is the next one, else catch up first."""
+        if channel.stale or channel.last is None:
+            if len(channel.buffer) >= self.history_size:
+                channel.buffer.clear()
+                channel.overflow = True
+            channel.buffer.append((seq, data, exclude))
+            return
+        if seq <= channel.last:
+            return  # delivered already, by a catch-up
+        if seq > channel.last + 1:
+            log.warn("{project_id}: events {first} to {end} did not arrive; reading them",
+                     project_id=project_id, first=channel.last + 1, end=seq - 1)
+            channel.stale = True
+            channel.buffer.append((seq, data, exclude))
+            self._sync(project_id)
+            return
+        channel.last = seq
+        self._registry.deliver(project_id, text_frame(data), exclude, seq)
+        self._changed()  # a replay may wait for this seq
 
     # ------------------------------------------------------------ commands
 
@@ -680,6 +1216,7 @@ class RedisBus(Service):
                 "PX", int(self.instance_ttl * 1000), "GET",
             )
             self._forget(self._command("SADD", INSTANCES_KEY, self._instance))
+            self._keep_seqs()
             if previous is None or reregister:
                 if previous is None and not reregister:
                     log.warn("this instance's heartbeat key had expired: registering again")
@@ -688,6 +1225,19 @@ class RedisBus(Service):
         except Exception:
             if self.healthy:
                 log.failure("Redis heartbeat failed")
+
+    def _keep_seqs(self) -> None:
+        """
+        Keep the seq keys of our rooms from expiring (every third of the
+        history TTL): a quiet room with members keeps its numbering, where
+        a new epoch would send them all RESYNC_REQUIRED.
+        """
+        now = self._reactor.seconds()
+        if now - self._seq_refreshed_at < self.history_ttl_seconds / 3:
+            return
+        self._seq_refreshed_at = now
+        for project_id in list(self._channels):
+            self._forget(self._command("PEXPIRE", seq_key(project_id), self._history_ttl_ms()))
 
     def _reregister(self) -> None:
         for project_id in list(self._registered - set(self._channels)):
@@ -744,7 +1294,8 @@ class RedisBus(Service):
             others = sorted(fields)
             alive = await self._command("MGET", *map(instance_key, others)) if others else []
         except Exception:
-            if self.healthy:
+            # A lost connection fails its commands before our lost hook runs.
+            if self.healthy and not Failure().check("txredisapi.ConnectionError"):
                 log.failure("reading the presence of {project_id} failed", project_id=project_id)
             return None
         dead = [i for i, v in zip(others, alive) if v is None]
@@ -775,14 +1326,15 @@ class RedisBus(Service):
         """A message on one of our channels: deliver it to the local members."""
         try:
             project_id = channel[len(CHANNEL_PREFIX):].decode("utf-8", "surrogatepass")
-            kind, instance, sender, body = unpack_envelope(data)
+            kind, instance, sender, seq, body = unpack_envelope(data)
         except (ValueError, UnicodeDecodeError):
             log.warn("ignored a malformed message on a Redis channel")
             return
-        if project_id not in self._channels:
+        room = self._channels.get(project_id)
+        if room is None:
             return  # the room emptied; the UNSUBSCRIBE is on its way
-        if kind == EVENT:
+        if kind == EVENT and seq is not None:
             exclude = sender if instance == self._instance else None
-            self._registry.deliver(project_id, body, exclude)
+            self._receive(project_id, room, seq, body, exclude)
         elif kind == PRESENCE:
             self._refresh(project_id)

@@ -7,6 +7,7 @@ mappings, so it is tested without touching the real environment.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 from urllib.parse import unquote, urlsplit
@@ -91,6 +92,17 @@ SETTINGS = (
             "how long an answer of PROJECT_AUTH_URL is reused"),
     Setting("MAX_BUFFER_BYTES", "max-buffer-bytes", "1048576",
             "bytes queued for a client that stops reading before it is closed with 1013"),
+    Setting("WORKERS", "workers", "1",
+            "processes serving the port (auto = one per core); more than one needs "
+            "REDIS_URL, through which they share rooms"),
+    Setting("HISTORY_SIZE", "history-size", "1000",
+            "events kept per room for clients resuming with since (v2)"),
+    Setting("HISTORY_TTL_SECONDS", "history-ttl-seconds", "300",
+            "how long a room's events are kept for resuming clients (v2)"),
+    Setting("DRAIN_WINDOW_SECONDS", "drain-window-seconds", "5",
+            "on SIGTERM, WebSockets are closed with 1001 spread over this many seconds "
+            "(reconnects then do not stampede the other instances); keep it below "
+            "SHUTDOWN_TIMEOUT"),
     Setting("CONFORMANCE_ECHO", "conformance-echo", "false",
             "true adds /echo, a WebSocket echoing every message, for the "
             "Autobahn|Testsuite (scripts/conformance); never in production"),
@@ -131,6 +143,10 @@ class Config:
     project_auth_timeout_seconds: float = 3.0
     project_auth_cache_seconds: float = 60.0
     conformance_echo: bool = False
+    workers: int = 1
+    history_size: int = 1000
+    history_ttl_seconds: float = 300.0
+    drain_window_seconds: float = 5.0
 
     @property
     def production(self) -> bool:
@@ -266,6 +282,12 @@ def _url(env: str, value: str) -> str:
     return url
 
 
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return int(_number("WORKERS", value, 1, True))
+
+
 def _count(env: str) -> Callable[[str], int]:
     return lambda v: int(_number(env, v, 0, True))
 
@@ -309,6 +331,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
                                    lambda v: _number("PROJECT_AUTH_CACHE_SECONDS", v, 0)),
     "MAX_BUFFER_BYTES": ("max_buffer_bytes",
                          lambda v: int(_number("MAX_BUFFER_BYTES", v, 1024, True))),
+    "WORKERS": ("workers", lambda v: _workers(v)),
+    "HISTORY_SIZE": ("history_size", lambda v: int(_number("HISTORY_SIZE", v, 1, True))),
+    "HISTORY_TTL_SECONDS": ("history_ttl_seconds",
+                            lambda v: _number("HISTORY_TTL_SECONDS", v, 1)),
+    "DRAIN_WINDOW_SECONDS": ("drain_window_seconds",
+                             lambda v: _number("DRAIN_WINDOW_SECONDS", v, 0)),
     "CONFORMANCE_ECHO": ("conformance_echo", lambda v: _bool("CONFORMANCE_ECHO", v)),
 }
 

@@ -79,6 +79,8 @@ class JoinProject:
     project_id: str
     user: SetUser | None
     operation_id: str | None = None
+    #: (v2) the last seq the client saw: send it what it missed first.
+    since: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Relay:
     payload: Any
     operation_id: str | None
     has_payload: bool
+    #: (v2) answer with ACK once the event is in the room's history.
+    ack: bool = False
 
 
 ClientMessage = Union[SetUser, JoinProject, LeaveProject, Relay]
@@ -253,13 +257,23 @@ def parse(data: bytes | str) -> ClientMessage:
     if kind in RELAYED_TYPES:
         project_id = _project_id(obj, op)
         payload, has_payload = _payload(obj, op)
-        return Relay(kind, project_id, payload, op, has_payload)
+        ack = obj.get("ack", False)
+        if not isinstance(ack, bool):
+            raise ProtocolError("INVALID_ACK", "ack must be true or false", op)
+        if ack and op is None:
+            raise ProtocolError("MISSING_OPERATION_ID", "An event with ack needs an operationId")
+        return Relay(kind, project_id, payload, op, has_payload, ack)
     if kind == "JOIN_PROJECT":
         project_id = _project_id(obj, op)
         user = None
         if obj.get("userId") is not None:
             user = SetUser(_user_id(obj["userId"], op), {})
-        return JoinProject(project_id, user, op)
+        since = obj.get("since")
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, int) or since < 0
+        ):
+            raise ProtocolError("INVALID_SINCE", "since must be a non-negative integer", op)
+        return JoinProject(project_id, user, op, since)
     if kind == "LEAVE_PROJECT":
         return LeaveProject(_project_id(obj, op), op)
     if kind == "SET_USER":
@@ -394,6 +408,26 @@ def broadcast(event: Broadcast, now_ms: int) -> bytes:
     msg["userId"] = event.user_id
     msg["projectId"] = event.project_id
     return orjson.dumps(msg)
+
+
+def ack(operation_id: str, project_id: str, seq: int, now_ms: int) -> bytes:
+    """(v2) ACK: the sender's event is in the room's history as number C{seq}."""
+    return orjson.dumps(
+        {
+            "type": "ACK",
+            "operationId": operation_id,
+            "projectId": project_id,
+            "seq": seq,
+            "timestamp": now_ms,
+        }
+    )
+
+
+def resync_required(project_id: str, seq: int, now_ms: int) -> bytes:
+    """(v2) The history no longer reaches back to the client's C{since}."""
+    return orjson.dumps(
+        {"type": "RESYNC_REQUIRED", "projectId": project_id, "seq": seq, "timestamp": now_ms}
+    )
 
 
 def dumps(obj: Any) -> bytes:

@@ -57,7 +57,8 @@ class PresencePublisher(Protocol):
 class Room:
     """The members of one project, in join order, with their join times."""
 
-    __slots__ = ("project_id", "members", "joined_at_ms", "presence_timer", "presence_dirty")
+    __slots__ = ("project_id", "members", "joined_at_ms", "presence_timer", "presence_dirty",
+                 "held")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
@@ -65,6 +66,9 @@ class Room:
         self.joined_at_ms: dict[str, int] = {}
         self.presence_timer: IDelayedCall | None = None
         self.presence_dirty = False
+        #: Members resuming with ``since``: their live events wait here,
+        #: with their seq, until the missed ones have been sent.
+        self.held: dict[str, list[tuple[int | None, bytes]]] = {}
 
     def active_users(self) -> list[dict[str, Any]]:
         """Presence entries: one per member that has a user id."""
@@ -105,6 +109,8 @@ class RoomRegistry:
         self.listener: RoomListener | None = None
         #: Announces presence across instances (the Redis bus), if anyone.
         self.presence_publisher: PresencePublisher | None = None
+        #: Told each event's number of recipients, once per event (the metrics).
+        self.on_deliver: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ queries
 
@@ -133,10 +139,12 @@ class RoomRegistry:
 
     # ------------------------------------------------------------ changes
 
-    def join(self, project_id: str, member: Member) -> bool:
+    def join(self, project_id: str, member: Member, hold: bool = False) -> bool:
         """
         Add C{member} to the room (made on first join) and announce presence.
-        Joining again only re-announces.
+        Joining again only re-announces.  With C{hold}, events delivered to
+        the room are kept for C{member} until L{release}: the caller sends
+        what it missed first, so nothing arrives out of order or twice.
 
         @return: whether C{member} was new to the room.
         """
@@ -148,6 +156,8 @@ class RoomRegistry:
         if new:
             room.members[member.client_id] = member
             room.joined_at_ms[member.client_id] = self._now_ms()
+        if hold:
+            room.held.setdefault(member.client_id, [])
         if opened and self.listener is not None:
             self.listener.room_opened(project_id)
         self._announce(room)
@@ -164,6 +174,7 @@ class RoomRegistry:
         if room is None or room.members.pop(member.client_id, None) is None:
             return False
         del room.joined_at_ms[member.client_id]
+        room.held.pop(member.client_id, None)
         if not room.members:
             if room.presence_timer is not None:
                 room.presence_timer.cancel()
@@ -181,21 +192,41 @@ class RoomRegistry:
             if room is not None:
                 self._announce(room)
 
-    def deliver(self, project_id: str, frame: bytes, exclude: str | None = None) -> int:
+    def deliver(
+        self, project_id: str, frame: bytes, exclude: str | None = None, seq: int | None = None
+    ) -> int:
         """
-        Hand one framed event to every member of the room but C{exclude}.
+        Hand one framed event (numbered C{seq}, if it is) to every member of
+        the room but C{exclude}; members being resumed get it later.
 
-        @return: how many members it was handed to.
+        @return: how many members it was handed or kept for.
         """
         room = self._rooms.get(project_id)
         if room is None:
             return 0
         sent = 0
+        held = room.held
         for client_id, member in room.members.items():
             if client_id != exclude:
-                member.send(frame)
+                if held and client_id in held:
+                    held[client_id].append((seq, frame))
+                else:
+                    member.send(frame)
                 sent += 1
+        if self.on_deliver is not None:
+            self.on_deliver(sent)
         return sent
+
+    def release(self, project_id: str, member: Member, after_seq: int) -> None:
+        """
+        End a hold: send what was kept for C{member} except the events
+        numbered C{after_seq} or lower (it has had those already).
+        """
+        room = self._rooms.get(project_id)
+        kept = room.held.pop(member.client_id, None) if room is not None else None
+        for seq, frame in kept or ():
+            if seq is None or seq > after_seq:
+                member.send(frame)
 
     # ------------------------------------------------------------ presence
 

@@ -10,20 +10,24 @@ privileged ports work as with any twistd plugin.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections import deque
+from typing import Any, Callable, Mapping
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
-from happyrobot import auth, backend, logs
+from happyrobot import auth, backend, logs, workers
 from happyrobot.bus import Bus, LocalBus, RedisBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
+from happyrobot.history import Histories
+from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.web import make_site
-from happyrobot.ws import CollabFactory
+from happyrobot.ws import CLOSE_GOING_AWAY, CollabFactory
 
 log = logs.get_logger(__name__)
 
@@ -67,29 +71,75 @@ class Options(usage.Options):
         return load_config(self, self.environ, dotenv)
 
 
-class DrainService(Service):
+class DrainService(MultiService):
     """
-    On stop (SIGTERM, SIGINT): mark the server draining, close every
-    WebSocket with 1001, and give them C{timeout} seconds before dropping
-    what is left.  twistd waits for the returned Deferred.
+    On stop (SIGTERM, SIGINT), a rolling restart's share of the work: mark
+    the server draining (``/health`` says 503 and new WebSocket handshakes
+    are refused; the listening port, a sibling service, stops at the same
+    time), then close the WebSockets with 1001 spread evenly over
+    C{window} seconds, so that their reconnections do not all land on the
+    other instances in the same millisecond, and drop whatever is still
+    open C{timeout} seconds after the stop began (keep C{window} below it).
+
+    Its children (the Redis bus) stop only once every connection is gone:
+    clients waiting for their turn to be closed keep receiving events and
+    sending them.  twistd waits for the returned Deferred.
     """
 
-    def __init__(self, factory: CollabFactory, timeout: float) -> None:
+    def __init__(self, factory: CollabFactory, timeout: float, window: float = 0.0) -> None:
+        super().__init__()
         self.factory = factory
         self.timeout = timeout
+        self.window = window
 
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)  # our children stop after the drain, below
         f = self.factory
         f.draining = True
-        log.info("shutting down: closing {n} connections", n=len(f.connections))
+        closing = list(f.connections.values())
+        log.info("shutting down: closing {n} connections over {window} s",
+                 n=len(closing), window=self.window)
         done = f.when_empty()
-        done.addCallback(lambda _: f.http_pool.closeCachedConnections())
-        f.close_all()
         if not done.called:
-            timer = f.clock.callLater(self.timeout, f.abort_all)
-            done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+            closer = self._spread(closing)
+            abort = f.clock.callLater(self.timeout, f.abort_all)
+
+            def stop_timers(result: object) -> object:
+                for call in (abort, closer.get("call")):
+                    if call is not None and call.active():
+                        call.cancel()
+                return result
+
+            done.addBoth(stop_timers)
+        done.addCallback(lambda _: f.http_pool.closeCachedConnections())
+        done.addCallback(lambda _: MultiService.stopService(self))
         return done
+
+    def _spread(self, closing: list[Any]) -> dict[str, Any]:
+        """
+        Close C{closing} in order, the i-th of n at C{i * window / n}
+        seconds; returns where the next close is scheduled (C{"call"}).
+        """
+        f = self.factory
+        n = len(closing)
+        step = self.window / n
+        start = f.clock.seconds()
+        queue = deque(closing)
+        timer: dict[str, Any] = {}
+
+        def close_due() -> None:
+            elapsed = f.clock.seconds() - start + 1e-9  # float rounding of the delays
+            while queue and (n - len(queue)) * step <= elapsed:
+                proto = queue.popleft()
+                if f.connections.get(proto.client_id) is proto:
+                    proto.sendCloseFrame(CLOSE_GOING_AWAY, b"Server shutting down")
+            timer.pop("call", None)
+            if queue and f.connections:
+                due = start + (n - len(queue)) * step
+                timer["call"] = f.clock.callLater(max(0.0, due - f.clock.seconds()), close_due)
+
+        close_due()
+        return timer
 
 
 def build_factory(config: Config, reactor: Any) -> CollabFactory:
@@ -103,11 +153,17 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     bus: Bus
     if config.redis_url:
         bus = registry.listener = registry.presence_publisher = RedisBus(
-            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds
+            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
+            history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
         )
     else:
-        bus = LocalBus(registry)
+        histories = Histories(config.history_size, config.history_ttl_seconds)
+        bus = LocalBus(registry, histories, reactor)
     factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
+    # Per-server metrics (its own Prometheus registry), fed once per event
+    # by the registry and once per turn by the flusher.
+    factory.metrics = Metrics(reactor, factory.connections, registry, bus)
+    registry.on_deliver = factory.metrics.fanout
     if isinstance(bus, RedisBus):
         bus.connection_count = lambda: len(factory.connections)
     # Keep-alive connections to the back end and the identity provider,
@@ -148,25 +204,83 @@ def _verifier(
     )
 
 
+#: How often the dashboard's rates and percentiles get a new sample.
+METRICS_SAMPLE_SECONDS = 1.0
+
+
+def metrics_sampler(factory: CollabFactory, reactor: Any) -> TimerService:
+    """The timer that samples C{factory.metrics} every second for /dashboard."""
+    sampler = TimerService(METRICS_SAMPLE_SECONDS, _logged(factory.metrics.sample))
+    sampler.clock = reactor
+    return sampler
+
+
+#: How often the in-memory engine forgets histories whose events aged out.
+HISTORY_SWEEP_SECONDS = 60.0
+
+
+def _logged(work: Callable[[], object]) -> Callable[[], None]:
+    """C{work} for a timer: an error is logged and the timer keeps going."""
+
+    def tick() -> None:
+        try:
+            work()
+        except Exception:
+            log.failure("periodic {name} failed", name=getattr(work, "__name__", "work"))
+
+    return tick
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """Build the server's service tree from parsed L{Options}."""
     if reactor is None:
         from twisted.internet import reactor
     try:
         config = options.config()
+        multi = config.workers > 1 or workers.is_child()
+        if multi and not config.redis_url:
+            raise ConfigError(
+                "WORKERS above 1 needs REDIS_URL: the workers share rooms through Redis"
+            )
+        if multi:
+            try:
+                _, port = workers.tcp_address(config.port)
+            except ValueError as e:
+                raise ConfigError(f"PORT: {e}") from None
+            if port == 0:
+                raise ConfigError("PORT: workers need a fixed port, not 0")
         factory = build_factory(config, reactor)
     except ConfigError as e:
         # One line naming the variable, as twistd users expect from a bad flag.
         raise SystemExit(f"happyrobot-ws: {e}") from None
     logs.set_level(config.log_level)
     service = MultiService()
+    # First child, with the bus as its child: the bus starts connecting to
+    # Redis before the port opens, and stops only after the drain.
+    drain = DrainService(
+        factory, config.shutdown_timeout_seconds, config.drain_window_seconds
+    )
+    drain.setServiceParent(service)
     if IService.providedBy(factory.bus):
-        # First child: it starts connecting to Redis before the port opens.
-        factory.bus.setServiceParent(service)
-    # strports.service makes a port that cannot be bound (in use, no
-    # permission) stop start-up with an error instead of running portless.
-    strports.service(config.port, make_site(factory), reactor=reactor).setServiceParent(service)
-    DrainService(factory, config.shutdown_timeout_seconds).setServiceParent(service)
+        factory.bus.setServiceParent(drain)
+    if multi:
+        workers.ReusePortService(reactor, config.port, make_site(factory)).setServiceParent(
+            service
+        )
+        if not workers.is_child():
+            pool = workers.WorkerPool(reactor, config.workers, workers.child_argv())
+            pool.setServiceParent(service)
+    else:
+        # strports.service makes a port that cannot be bound (in use, no
+        # permission) stop start-up with an error instead of running portless.
+        strports.service(config.port, make_site(factory), reactor=reactor).setServiceParent(
+            service
+        )
+    metrics_sampler(factory, reactor).setServiceParent(service)
+    if isinstance(factory.bus, LocalBus):
+        sweeper = TimerService(HISTORY_SWEEP_SECONDS, _logged(factory.bus.sweep))
+        sweeper.clock = reactor
+        sweeper.setServiceParent(service)
     service.factory = factory  # type: ignore[attr-defined]
     if config.production and "*" in config.allowed_origins:
         log.warn("ALLOWED_ORIGINS is * in production: any web site may open WebSockets here")

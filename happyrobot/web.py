@@ -2,16 +2,24 @@
 The HTTP side, on the same port as the WebSocket: ``/ws`` (Autobahn's
 L{WebSocketResource} behind an Origin check), ``GET /health``,
 ``GET /stats`` and ``POST /broadcast``, with CORS headers for the allowed
-origins and JSON bodies for every reply, errors included.
+origins and JSON bodies for every reply, errors included; and for
+operators ``GET /metrics`` (Prometheus text) and ``GET /dashboard`` (an
+HTML page polling ``/dashboard/data``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
+from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.web.http import CACHED
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -48,6 +56,8 @@ class _JsonEndpoint(Resource):
     isLeaf = True
     #: Operator endpoints need ``Authorization: Bearer <API_TOKEN>`` when one is set.
     operator = False
+    #: ... or ``?token=<API_TOKEN>``, for pages a browser opens (it cannot send the header).
+    query_token = False
 
     def __init__(self, factory: CollabFactory) -> None:
         super().__init__()
@@ -67,9 +77,7 @@ class _JsonEndpoint(Resource):
             request.setHeader(b"content-length", b"0")
             return b""
         token = self.factory.config.api_token
-        if self.operator and token and not security.bearer_matches(
-            request.getHeader(b"authorization"), token
-        ):
+        if self.operator and token and not self._authorized(request, token):
             request.setHeader(b"www-authenticate", b'Bearer realm="happyrobot"')
             return _json(request, 401, {"error": "Missing or invalid API token"})
         handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
@@ -78,6 +86,13 @@ class _JsonEndpoint(Resource):
             request.setHeader(b"allow", ", ".join(allowed + ["OPTIONS"]).encode())
             return _json(request, 405, {"error": f"Method {method} not allowed"})
         return handler(request)
+
+
+    def _authorized(self, request: Request, token: str) -> bool:
+        if security.bearer_matches(request.getHeader(b"authorization"), token):
+            return True
+        given = request.args.get(b"token") if self.query_token else None
+        return bool(given) and hmac.compare_digest(given[0], token.encode("utf-8"))
 
 
 class NotFound(_JsonEndpoint):
@@ -119,13 +134,43 @@ def _json_later(request: Request, body: Deferred[Any]) -> int:
             request.finish()
 
     def failed(f: Failure) -> None:
-        log.failure("building a reply failed", f)
+        if f.check(messages.ProtocolError) and f.value.code == "UNAVAILABLE":
+            code, body = 503, {"error": f.value.message}  # Redis is down: retry later
+        else:
+            log.failure("building a reply failed", f)
+            code, body = 500, {"error": "Internal server error"}
         if not gone:
-            request.write(_json(request, 500, {"error": "Internal server error"}))
+            request.write(_json(request, code, body))
             request.finish()
 
     body.addCallbacks(write, failed)
     return NOT_DONE_YET
+
+
+@functools.cache
+def _client_script() -> tuple[bytes, bytes]:
+    """The browser client's bytes (package data) and their entity tag, read once."""
+    body = resources.files("happyrobot").joinpath("static/client.js").read_bytes()
+    return body, b'"' + hashlib.sha256(body).hexdigest()[:20].encode("ascii") + b'"'
+
+
+class ClientScript(_JsonEndpoint):
+    """
+    ``GET /client.js``: the browser client, an ES module (README, "Browser
+    client").  CORS as on every resource, since browsers fetch module
+    scripts in CORS mode; cached for a few minutes, then revalidated by
+    its ETag, so a new server version reaches browsers soon.
+    """
+
+    def json_GET(self, request: Request) -> bytes:
+        body, etag = _client_script()
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"etag", etag)
+        if request.setETag(etag) == CACHED:
+            return b""
+        return body
 
 
 class Stats(_JsonEndpoint):
@@ -169,17 +214,104 @@ class BroadcastEndpoint(_JsonEndpoint):
             return _json(request, 400, {"error": str(e)})
         f = self.factory
         now_ms = int(f.clock.seconds() * 1000)
-        f.bus.publish(event.project_id, text_frame(messages.broadcast(event, now_ms)))
-        return _json(
-            request,
-            200,
-            {
+        project_id = event.project_id
+
+        def sent(seq: int) -> dict[str, Any]:
+            return {
                 "success": True,
                 "message": "Broadcast sent",
-                "projectId": event.project_id,
-                "clientCount": f.registry.member_count(event.project_id),
-            },
-        )
+                "projectId": project_id,
+                "clientCount": f.registry.member_count(project_id),
+                "seq": seq,
+            }
+
+        appended = f.bus.append(project_id, messages.broadcast(event, now_ms))
+        return _json_later(request, appended.addCallback(sent))
+
+
+class MetricsEndpoint(_JsonEndpoint):
+    """``GET /metrics``: this server's metrics in the Prometheus text format."""
+
+    operator = True
+
+    def json_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return self.factory.metrics.exposition()
+
+
+@functools.cache
+def _dashboard_page() -> bytes:
+    """The dashboard's HTML (package data), read once."""
+    return resources.files("happyrobot").joinpath("static/dashboard.html").read_bytes()
+
+
+#: The dashboard's page may run its own inline script and fetch from this server, nothing else.
+_DASHBOARD_POLICY = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    b"frame-ancestors 'none'"
+)
+#: How many rooms /dashboard/data lists, busiest first.
+DASHBOARD_ROOMS = 20
+
+
+class Dashboard(_JsonEndpoint):
+    """
+    ``GET /dashboard``: one self-contained page (no external scripts) that
+    polls ``/dashboard/data`` every second and draws its numbers.  Takes
+    the API token as ``?token=`` too, since a browser cannot send a header
+    when it opens a page.
+    """
+
+    isLeaf = False
+    operator = True
+    query_token = True
+
+    def __init__(self, factory: CollabFactory) -> None:
+        super().__init__(factory)
+        self.putChild(b"data", DashboardData(factory))
+        self._not_found = NotFound(factory)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self if path == b"" else self._not_found  # /dashboard/ is the page too
+
+    def json_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", _DASHBOARD_POLICY)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return _dashboard_page()
+
+
+class DashboardData(_JsonEndpoint):
+    """
+    ``GET /dashboard/data``: what the dashboard shows, as JSON: this
+    instance's connections and rooms (the busiest with their member
+    counts), the bus state, totals, rates and latency percentiles over the
+    last seconds, and the one-second series for the charts.
+    """
+
+    operator = True
+    query_token = True
+
+    def json_GET(self, request: Request) -> bytes:
+        f = self.factory
+        rooms = f.registry.snapshot()
+        busiest = sorted(rooms.items(), key=lambda item: (-len(item[1]), item[0]))
+        body = {
+            "timestamp": int(f.clock.seconds() * 1000),
+            "connections": len(f.connections),
+            "rooms": len(rooms),
+            "busHealthy": bool(f.bus.healthy),
+            "topRooms": [
+                {"projectId": pid, "members": len(ids)} for pid, ids in busiest[:DASHBOARD_ROOMS]
+            ],
+            **f.metrics.dashboard(),
+        }
+        request.setHeader(b"cache-control", b"no-store")
+        return _json(request, 200, body)
 
 
 class OriginCheckedWebSocket(WebSocketResource):
@@ -229,6 +361,9 @@ class Root(Resource):
         self.putChild(b"health", Health(factory))
         self.putChild(b"stats", Stats(factory))
         self.putChild(b"broadcast", BroadcastEndpoint(factory))
+        self.putChild(b"client.js", ClientScript(factory))
+        self.putChild(b"metrics", MetricsEndpoint(factory))
+        self.putChild(b"dashboard", Dashboard(factory))
         if factory.config.conformance_echo:
             # /echo for the Autobahn|Testsuite, behind the same checks as /ws.
             self.putChild(b"echo", OriginCheckedWebSocket(EchoFactory(factory)))

@@ -26,17 +26,26 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 class Flushable(Protocol):
-    def flush(self) -> None:
-        """Write everything queued."""
+    def flush(self) -> int:
+        """Write everything queued; how many frames that was."""
 
 
 class TurnFlusher:
-    """Calls C{flush()} on every connection that queued frames, once per turn."""
+    """
+    Calls C{flush()} on every connection that queued frames, once per turn,
+    and then tells C{on_turn} (the metrics) how many frames the turn wrote
+    and when the events it wrote were received: one call per turn, however
+    many recipients.
+    """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self, clock: IReactorTime, on_turn: Callable[[int, list[float]], None] | None = None
+    ) -> None:
         self._clock = clock
         self._dirty: list[Flushable] = []
+        self._received: list[float] = []
         self._call: IDelayedCall | None = None
+        self.on_turn = on_turn
 
     def mark(self, conn: Flushable) -> None:
         """C{conn} has frames queued; flush it at the end of this turn."""
@@ -44,11 +53,31 @@ class TurnFlusher:
         if self._call is None:
             self._call = self._clock.callLater(0, self.flush_all)
 
+    def time_event(self, result: Any, received_at: float) -> Any:
+        """
+        A callback: the event received at C{received_at} (clock seconds) has
+        been handed to its recipients, so this turn's flush writes it; the
+        end of that flush is the end of its latency.  When this turn writes
+        nothing (the event had no local recipients, or with Redis they get
+        it in a later turn) there is nothing to time, and no flush is
+        scheduled for it: an extra reactor turn per event would cost more
+        than the measurement is worth.  Passes C{result} on.
+        """
+        if self._call is not None:
+            self._received.append(received_at)
+        return result
+
     def flush_all(self) -> None:
         self._call = None
         dirty, self._dirty = self._dirty, []
+        frames = 0
         for conn in dirty:
-            conn.flush()
+            frames += conn.flush()
+        received = self._received
+        if received:
+            self._received = []
+        if self.on_turn is not None:
+            self.on_turn(frames, received)
 
 
 class SocketWriter:
@@ -74,7 +103,13 @@ class SocketWriter:
         # through it.
         self.buffered = 1
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, bounded: bool = True) -> None:
+        """
+        Write C{data} after everything written before.  With C{bounded}
+        (event frames), nothing is written once more than the bound is
+        waiting; the small frames of the protocol itself (close, ping,
+        pong) always go.
+        """
         if not self.buffered and self._socket is not None:
             try:
                 sent = self._socket.send(data)
@@ -83,10 +118,14 @@ class SocketWriter:
             if sent == len(data):
                 return
             data = data[sent:]
+        if bounded and self.buffered > self._max:
+            # More than the bound was already waiting: the client is not
+            # keeping up.  (Checked before adding, so that one frame larger
+            # than the bound does not by itself cut off a healthy client.)
+            self._on_overflow()
+            return
         self.buffered += len(data)
         self._transport.write(data)
-        if self.buffered > self._max:
-            self._on_overflow()
 
     # IPullProducer: Twisted calls resumeProducing whenever its buffer empties.
     def resumeProducing(self) -> None:

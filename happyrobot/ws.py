@@ -9,6 +9,7 @@ L{happyrobot.rooms.RoomRegistry}; events leave through the factory's bus.
 from __future__ import annotations
 
 import secrets
+import types
 from collections import deque
 from typing import Any, Mapping
 
@@ -20,9 +21,10 @@ from twisted.internet.interfaces import IReactorTime
 
 
 from happyrobot import auth, logs, messages, security
-from happyrobot.bus import Bus
+from happyrobot.bus import Bus, Replay
 from happyrobot.config import Config
 from happyrobot.framing import binary_frame, text_frame
+from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.writer import SocketWriter, TurnFlusher
 
@@ -140,14 +142,16 @@ class CollabProtocol(WebSocketServerProtocol):
             self.factory.flusher.mark(self)
         out.append(frame)
 
-    def flush(self) -> None:
-        """Write the frames queued this turn, in one piece."""
+    def flush(self) -> int:
+        """Write the frames queued this turn, in one piece; how many were written."""
         out = self._out
         if not out or self._writer is None:
-            return
+            return 0
         self._out = []
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return 0
+        self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+        return len(out)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's own frames (pings, pongs, close) take the same writer,
@@ -158,7 +162,7 @@ class CollabProtocol(WebSocketServerProtocol):
             super().sendData(data, sync, chopsize)
             return
         self.flush()
-        writer.write(data)
+        writer.write(data, bounded=False)
 
     def _close(self, code: int, reason: str) -> None:
         """
@@ -180,6 +184,7 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._out is None:
             return
         log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
+        self.factory.metrics.slow_reader()
         self._close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -208,6 +213,7 @@ class CollabProtocol(WebSocketServerProtocol):
                     "BINARY_NOT_SUPPORTED", "Binary frames are not supported; send JSON text"
                 )
             msg = messages.parse(payload)
+            self.factory.metrics.message_in(msg)
             if logs.debug_enabled():
                 log.debug(
                     "{client_id} sent {kind}", client_id=self.client_id, kind=type(msg).__name__
@@ -237,6 +243,7 @@ class CollabProtocol(WebSocketServerProtocol):
             log.failure("{client_id}: error handling a message", failure,
                         client_id=self.client_id)
             err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error", operation_id)
+        self.factory.metrics.error(err.code)
         self.send(text_frame(messages.error(err, self._now_ms())))
 
     def _resume(self, _: object) -> None:
@@ -251,6 +258,7 @@ class CollabProtocol(WebSocketServerProtocol):
             self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
             return
         err = messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down")
+        self.factory.metrics.error(err.code)
         self.send(text_frame(messages.error(err, self._now_ms())))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -268,6 +276,7 @@ class CollabProtocol(WebSocketServerProtocol):
             self.factory.registry.leave(project_id, self)
         self.projects.clear()
         log.info("{client_id} disconnected ({code})", client_id=self.client_id, code=code)
+        self.factory.metrics.closed(code)
         self.factory.connection_closed()
 
     # ------------------------------------------------------------ handlers
@@ -347,15 +356,14 @@ class CollabProtocol(WebSocketServerProtocol):
             )
         authorizer = self.factory.authorizer
         if authorizer is None:
-            self._join(project_id)
-            return None
+            return self._join(project_id, msg.since)
 
-        def answered(allowed: bool) -> None:
+        def answered(allowed: bool) -> Deferred[None] | None:
             if not allowed:
                 raise messages.ProtocolError(
                     "FORBIDDEN", f"Not allowed to join project {project_id}"
                 )
-            self._join(project_id)
+            return self._join(project_id, msg.since)
 
         def unanswered(failure: Failure) -> None:
             raise messages.ProtocolError(
@@ -364,11 +372,39 @@ class CollabProtocol(WebSocketServerProtocol):
 
         return authorizer.allowed(self.user_id, project_id).addCallbacks(answered, unanswered)
 
-    def _join(self, project_id: str) -> None:
-        if self.state != WebSocketServerProtocol.STATE_OPEN:
-            return  # closed while the back end was answering
+    def _join(self, project_id: str, since: int | None = None) -> Deferred[None] | None:
+        if self._out is None:
+            return None  # closed while the back end was answering
         self.projects.add(project_id)
-        self.factory.registry.join(project_id, self)
+        registry = self.factory.registry
+        if since is None:
+            registry.join(project_id, self)
+            return None
+        # Resume: live events wait for us while the missed ones are read
+        # and sent; release() then skips what the replay already covered.
+        registry.join(project_id, self, hold=True)
+
+        def replayed(replay: Replay) -> None:
+            if self._out is None or project_id not in self.projects:
+                return
+            if replay.events is None:
+                self.send(text_frame(
+                    messages.resync_required(project_id, replay.seq, self._now_ms())))
+            else:
+                for event in replay.events:
+                    self.send(text_frame(event))
+            registry.release(project_id, self, replay.seq)
+
+        def failed(failure: Failure) -> Failure:
+            # Without the history we cannot promise "no gap": undo the join
+            # and answer with the error (UNAVAILABLE while Redis is down), so
+            # the client joins again later.
+            if project_id in self.projects:
+                self.projects.discard(project_id)
+                registry.leave(project_id, self)
+            return failure
+
+        return self.factory.bus.replay(project_id, since).addCallbacks(replayed, failed)
 
     def _on_leave(self, msg: messages.LeaveProject) -> None:
         if msg.project_id in self.projects:
@@ -382,8 +418,22 @@ class CollabProtocol(WebSocketServerProtocol):
                 "Join the project before sending events to it",
                 msg.operation_id,
             )
-        frame = text_frame(messages.relayed(msg, self._now_ms()))
-        self.factory.bus.publish(msg.project_id, frame, self.client_id)
+        received = self.factory.clock.seconds()
+        event = messages.relayed(msg, int(received * 1000))
+        project_id, op = msg.project_id, msg.operation_id
+        if not msg.ack:
+            d = self.factory.bus.append(project_id, event, self.client_id)
+            d.addCallback(self.factory.flusher.time_event, received)  # event latency
+            d.addErrback(self._failed, op)
+            return
+        assert op is not None and self.user_id is not None  # parse and join ensure both
+
+        def accepted(seq: int) -> None:
+            self.send(text_frame(messages.ack(op, project_id, seq, self._now_ms())))
+
+        d = self.factory.bus.append(project_id, event, self.client_id, (self.user_id, op))
+        d.addCallback(self.factory.flusher.time_event, received)  # event latency
+        d.addCallbacks(accepted, self._failed, errbackArgs=(op,))
 
     def _now_ms(self) -> int:
         return int(self.factory.clock.seconds() * 1000)
@@ -407,7 +457,10 @@ class CollabFactory(WebSocketServerFactory):
         self.bus = bus
         self.clock = clock
         self.connections: dict[str, CollabProtocol] = {}
-        self.flusher = TurnFlusher(clock)
+        #: Replaced by the wiring (tap.build_factory) with one that also
+        #: reads the live connections, rooms and bus when scraped.
+        self.metrics = Metrics(clock)
+        self.flusher = TurnFlusher(clock, self._turn_flushed)
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )
@@ -437,9 +490,17 @@ class CollabFactory(WebSocketServerFactory):
         # line (a quarter of a handshake's CPU, measured).  Bound once as
         # class attributes of a per-factory protocol class they are shared
         # by every connection and there is nothing to copy or print.
-        options = {name: getattr(self, name) for name in self.protocol.CONFIG_ATTRS}
+        options: dict[str, Any] = {
+            # A plain function as a class attribute would become a method.
+            name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+            for name in self.protocol.CONFIG_ATTRS
+            for value in (getattr(self, name),)
+        }
         options["CONFIG_ATTRS"] = ()
         self.protocol = type(self.protocol.__name__, (self.protocol,), options)
+
+    def _turn_flushed(self, frames: int, received: list[float]) -> None:
+        self.metrics.turn_flushed(frames, received)
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Server shutting down") -> None:
         """Start a clean close of every open WebSocket."""
@@ -522,6 +583,7 @@ class EchoFactory(CollabFactory):
 
     connections = _SharedWithMain()  # type: ignore[assignment]
     flusher = _SharedWithMain()  # type: ignore[assignment]
+    metrics = _SharedWithMain()  # type: ignore[assignment]
     limiter = _SharedWithMain()  # type: ignore[assignment]
     http_pool = _SharedWithMain()
     verifier = _SharedWithMain()  # type: ignore[assignment]

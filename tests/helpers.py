@@ -202,18 +202,19 @@ class LineCollector(ProcessProtocol):
         #: Fires with the exit code (None when a signal ended the process).
         self.ended: Deferred[int | None] = Deferred()
         self.signal: int | None = None
-        self._watch: list[tuple[bytes, Deferred[bytes]]] = []
+        self._watch: list[tuple[bytes, int, Deferred[bytes]]] = []
 
-    def wait_for(self, needle: bytes) -> Deferred[bytes]:
+    def wait_for(self, needle: bytes, count: int = 1) -> Deferred[bytes]:
+        """Fires with the output once C{needle} has appeared C{count} times."""
         d: Deferred[bytes] = Deferred()
-        self._watch.append((needle, d))
+        self._watch.append((needle, count, d))
         self._check()
         return d
 
     def _check(self) -> None:
         for item in list(self._watch):
-            needle, d = item
-            if needle in self.output:
+            needle, count, d = item
+            if self.output.count(needle) >= count:
                 self._watch.remove(item)
                 d.callback(self.output)
 
@@ -332,7 +333,9 @@ class Node:
         for c in self._clients:
             await c.closed
         await self.factory.when_empty()
-        await self.port.stopListening()
+        stopped = self.port.stopListening()  # None if a test stopped it already
+        if stopped is not None:
+            await stopped
         await self.factory.http_pool.closeCachedConnections()
         await self.bus.stopService()
 

@@ -172,6 +172,7 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertIs(echo.verifier, hook)
         self.assertIs(echo.connections, main.connections)
         self.assertIs(echo.limiter, main.limiter)
+        self.assertIs(echo.flusher, main.flusher)
         echo.draining = False
         self.assertFalse(main.draining)
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot.framing import text_frame
+from happyrobot.framing import binary_frame, text_frame
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,26 @@ class TextFrameTests(SynchronousTestCase):
             self._check(n, 126, 4)
         else:
             self._check(n, 127, 10)
+
+
+class BinaryFrameTests(SynchronousTestCase):
+    """L{binary_frame} is L{text_frame} with the binary opcode (0x2)."""
+
+    @settings(deadline=None, max_examples=40)
+    @given(
+        st.integers(min_value=0, max_value=200)
+        | st.integers(min_value=65500, max_value=65600)
+    )
+    def test_same_header_but_opcode(self, n: int) -> None:
+        """Any length frames exactly as text does, with opcode 0x2 instead of 0x1."""
+        payload = bytes(i % 256 for i in range(n))
+        frame = binary_frame(payload)
+        header = _decode_header(frame)
+        self.assertEqual((header.fin, header.rsv, header.opcode, header.masked),
+                         (True, 0, 0x2, False))
+        self.assertEqual(frame[1:], text_frame(payload)[1:])
+        self.assertEqual(frame[header.header_size:], payload)
+
+    def test_not_utf8(self) -> None:
+        """Bytes that are not UTF-8 are carried unchanged."""
+        self.assertEqual(binary_frame(b"\xff\x00\xfe"), b"\x82\x03\xff\x00\xfe")

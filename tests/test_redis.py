@@ -6,14 +6,20 @@ and stopped by the helpers; no fake Redis).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
+from autobahn.twisted.websocket import WebSocketClientFactory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.application.service import IService
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,17 +27,20 @@ from happyrobot.bus import (
     EVENT,
     LocalBus,
     RedisBus,
+    Unavailable,
     channel_name,
+    envelope_head,
     merge_presence,
     merge_stats,
     pack_envelope,
     unpack_envelope,
 )
 from happyrobot.config import Config, ConfigError, RedisAddress, load_config, redis_address
+from happyrobot.framing import text_frame
 from happyrobot.rooms import RoomRegistry
-from happyrobot.tap import Options, build_factory, makeService
+from happyrobot.tap import DrainService, Options, build_factory, makeService
 from happyrobot.web import make_site
-from tests.helpers import Client, Node, RedisTestCase, spawn_twistd
+from tests.helpers import ORIGIN, Client, Node, RedisServer, RedisTestCase, spawn_twistd
 
 #: Events are seen by the tests past any USER_PRESENCE.
 _SKIPPED = {"USER_PRESENCE"}
@@ -55,19 +64,27 @@ class EnvelopeTests(SynchronousTestCase):
     """The Redis message format."""
 
     def test_round_trip(self) -> None:
-        """An envelope gives back kind, instance, sender and the frame bytes untouched."""
-        frame = b"\x81\x05hello\n\x00\xff"
-        data = pack_envelope(EVENT, b"host-1-abc", "client_1_aa", frame)
-        self.assertEqual(unpack_envelope(data), (EVENT, b"host-1-abc", "client_1_aa", frame))
+        """An envelope gives back kind, instance, sender, seq and the body bytes untouched."""
+        body = b'{"a":"x\ny","seq":17}\x00\xff'
+        data = pack_envelope(EVENT, b"host-1-abc", "client_1_aa", body, 17)
+        self.assertEqual(unpack_envelope(data), (EVENT, b"host-1-abc", "client_1_aa", 17, body))
 
     def test_no_sender(self) -> None:
-        """A server-side publish has no sender."""
-        data = pack_envelope(EVENT, b"i", None, b"x")
-        self.assertEqual(unpack_envelope(data), (EVENT, b"i", None, b"x"))
+        """A server-side publish has no sender; a presence change has no seq."""
+        data = pack_envelope(EVENT, b"i", None, b"x", 5)
+        self.assertEqual(unpack_envelope(data), (EVENT, b"i", None, 5, b"x"))
+        data = pack_envelope(b"P", b"i", None, b"")
+        self.assertEqual(unpack_envelope(data), (b"P", b"i", None, None, b""))
+
+    def test_script_envelope(self) -> None:
+        """The append script's envelope (head + seq + newline + JSON) unpacks the same way."""
+        data = envelope_head(EVENT, b"i", "c1") + b"42\n" + b'{"seq":42}'
+        self.assertEqual(unpack_envelope(data), (EVENT, b"i", "c1", 42, b'{"seq":42}'))
 
     def test_malformed(self) -> None:
         """Bytes that are not an envelope raise ValueError."""
         self.assertRaises(ValueError, unpack_envelope, b"E\nonly")
+        self.assertRaises(ValueError, unpack_envelope, b"E\ni\nc\nnot-a-number\n{}")
 
     def test_channel_name(self) -> None:
         """Each room has its own channel, binary-safe for any project id."""
@@ -155,13 +172,21 @@ class RedisSettingTests(SynchronousTestCase):
         self.assertNotIn("secret", str(e))
 
     def test_make_service_wires_redis_bus(self) -> None:
-        """With REDIS_URL the bus is a RedisBus, a child service told about rooms."""
-        options = Options(environ={"REDIS_URL": "redis://127.0.0.1:1/0"})
+        """
+        With REDIS_URL the bus is a RedisBus told about rooms, a child of
+        the drain (so it stops after the last connection) with the
+        history settings.
+        """
+        options = Options(environ={"REDIS_URL": "redis://127.0.0.1:1/0",
+                                   "HISTORY_SIZE": "50", "HISTORY_TTL_SECONDS": "30"})
         options.parseOptions(["--env-file="])
         service = makeService(options, MemoryReactorClock())
         bus = service.factory.bus  # type: ignore[attr-defined]
         self.assertIsInstance(bus, RedisBus)
-        self.assertIn(bus, list(IService(service)))
+        drain = list(IService(service))[0]
+        self.assertIsInstance(drain, DrainService)
+        self.assertIn(bus, list(drain))
+        self.assertEqual((bus.history_size, bus.history_ttl_seconds), (50, 30.0))
         registry = service.factory.registry  # type: ignore[attr-defined]
         self.assertIs(registry.listener, bus)
         self.assertIs(registry.presence_publisher, bus)
@@ -279,9 +304,10 @@ class RedisFaultTests(RedisTestCase):
 
     async def test_outage_degrades_then_recovers(self) -> None:
         """
-        With Redis stopped /health is 503 degraded and local rooms still
-        work; once it is back the rooms are subscribed again and events
-        cross instances again, with no duplicates.
+        With Redis stopped /health is 503 degraded and an event is refused
+        with UNAVAILABLE (never delivered unnumbered); once Redis is back
+        the rooms are subscribed again, and since it came back empty every
+        member is told RESYNC_REQUIRED, then events cross instances again.
         """
         redis = await self.start_redis()
         a, b = await self.start_node(redis), await self.start_node(redis)
@@ -296,8 +322,9 @@ class RedisFaultTests(RedisTestCase):
         await b.bus.when(lambda: not b.bus.healthy)
         status, body, _ = await a.http("GET", "/health")
         self.assertEqual((status, body["status"]), (503, "degraded"))
-        a1.send_json(event("op-local"))
-        self.assertEqual((await next_event(a2))["operationId"], "op-local")
+        a1.send_json(dict(event("op-local"), ack=True))
+        err = await a1.next_of("ERROR")
+        self.assertEqual((err["code"], err["operationId"]), ("UNAVAILABLE", "op-local"))
 
         await redis.start()  # the same port, empty: no subscriptions survive
         await a.settled()
@@ -307,16 +334,20 @@ class RedisFaultTests(RedisTestCase):
         reply = await redis.command("PUBSUB", "NUMSUB", "happyrobot:project:p1")
         self.assertEqual(int(reply[1]), 2)
         a1.send_json(event("op-back"))
-        # B never saw op-local (nothing crosses during an outage); A's
-        # members see op-back once, after op-local.
-        self.assertEqual((await next_event(b1))["operationId"], "op-back")
-        self.assertEqual((await next_event(a2))["operationId"], "op-back")
+        for c in (a2, b1):
+            resync = await next_event(c)
+            self.assertEqual(resync["type"], "RESYNC_REQUIRED")
+            back = await next_event(c)
+            self.assertEqual((back["operationId"], back["seq"]), ("op-back", resync["seq"] + 1))
         b1.send_json(event("op-marker"))
         for c in (a1, a2):
-            self.assertEqual((await next_event(c))["operationId"], "op-marker")
+            msg = await next_event(c)
+            if msg["type"] == "RESYNC_REQUIRED":  # a1 sent op-back, so its first is this
+                msg = await next_event(c)
+            self.assertEqual(msg["operationId"], "op-marker")
 
     async def test_starts_without_redis(self) -> None:
-        """An instance whose Redis is not up yet serves local rooms, then connects."""
+        """An instance whose Redis is not up yet refuses events (UNAVAILABLE), then connects."""
         redis = await self.start_redis()
         await redis.stop()
         # start_node waits until settled, so build it by hand here.
@@ -338,11 +369,13 @@ class RedisFaultTests(RedisTestCase):
         c1 = await node.joined("p1", "user_1")
         c2 = await node.joined("p1", "user_2")
         c1.send_json(event("op-1"))
-        self.assertEqual((await next_event(c2))["operationId"], "op-1")
+        self.assertEqual((await c1.next_of("ERROR"))["code"], "UNAVAILABLE")
         await redis.start()
         await node.settled()
         c1.send_json(event("op-2"))
-        self.assertEqual((await next_event(c2))["operationId"], "op-2")
+        msg = await next_event(c2)
+        self.assertEqual((msg["operationId"], msg["type"]), ("op-2", "TASK_UPDATE"))
+        self.assertEqual(c2.pending(), [])  # op-1 was never delivered
         status, body, _ = await node.http("GET", "/health")
         self.assertEqual(status, 200)
 
@@ -474,3 +507,734 @@ class CrashTests(RedisTestCase):
         self.assertEqual(msg["payload"]["userCount"], 1)
         fields = await redis.command("HKEYS", "happyrobot:presence:p1")
         self.assertEqual(fields, [a.bus.instance_id])
+
+
+# ---------------------------------------------------------------- v2: seq, history, resume
+
+
+class Recorder:
+    """A registry member that keeps the events it is sent, decoded."""
+
+    def __init__(self, client_id: str, user_id: str = "u") -> None:
+        self.client_id = client_id
+        self.user_id = user_id
+        self.initials = "U"
+        self.frames: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        self.received: list[dict[str, Any]] = []
+
+    def send(self, frame: bytes) -> None:
+        msg = json.loads(_unframe(frame))
+        if msg.get("type") != "USER_PRESENCE":
+            self.received.append(msg)
+            # Not from inside the registry's loop over its members: a
+            # waiting test could change the room while it is iterated.
+            reactor.callLater(0, self.frames.put, msg)
+
+    def seqs(self) -> list[int]:
+        """The seq of every event received, in order (RESYNC_REQUIRED as -seq)."""
+        return [m["seq"] if m["type"] != "RESYNC_REQUIRED" else -m["seq"]
+                for m in self.received]
+
+    async def until(self, seq: int) -> None:
+        """Wait until an event numbered C{seq} or higher (or a RESYNC) has arrived."""
+        while True:
+            msg = await self.frames.get()
+            if msg.get("seq", 0) >= seq:
+                return
+
+
+def _unframe(frame: bytes) -> bytes:
+    """The payload of one unmasked text frame made by L{text_frame}."""
+    n = frame[1]
+    if n < 126:
+        return frame[2:]
+    return frame[4:] if n == 126 else frame[10:]
+
+
+def raw_event(op: str) -> bytes:
+    """A serialised event without seq, as ws.py hands it to the bus."""
+    return b'{"type":"TASK_UPDATE","projectId":"p1","operationId":"%s"}' % op.encode()
+
+
+class BusNode:
+    """A RedisBus with its own registry, for tests below the WebSocket layer."""
+
+    def __init__(self, registry: RoomRegistry, bus: RedisBus) -> None:
+        self.registry = registry
+        self.bus = bus
+
+    def settled(self) -> Deferred[None]:
+        return self.bus.when(self.bus.settled)
+
+    async def member(self, client_id: str, project_id: str = "p1") -> Recorder:
+        """A member that joined C{project_id}, once the room is subscribed and caught up."""
+        m = Recorder(client_id)
+        self.registry.join(project_id, m)
+        await self.settled()
+        return m
+
+    async def resume(self, client_id: str, since: int, project_id: str = "p1") -> Recorder:
+        """A member resuming as ws.py does: join with hold, replay, release."""
+        m = Recorder(client_id)
+        self.registry.join(project_id, m, hold=True)
+        replay = await self.bus.replay(project_id, since)
+        if replay.events is None:
+            m.send(text_frame(b'{"type":"RESYNC_REQUIRED","seq":%d}' % replay.seq))
+        else:
+            for e in replay.events:
+                m.send(text_frame(e))
+        self.registry.release(project_id, m, replay.seq)
+        return m
+
+
+class BusTestCase(RedisTestCase):
+    """Two RedisBus instances on one real redis-server."""
+
+    async def start_bus(self, redis: RedisServer, **kw: Any) -> BusNode:
+        registry = RoomRegistry(reactor, 0.0)
+        bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
+                       reconnect_max_delay=0.25, **kw)
+        registry.listener = registry.presence_publisher = bus
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await bus.when(bus.settled)
+        return BusNode(registry, bus)
+
+
+def contiguous(seqs: list[int]) -> bool:
+    return all(b == a + 1 for a, b in zip(seqs, seqs[1:]))
+
+
+class SequenceTests(BusTestCase):
+    """Room sequence numbers across instances (issue 5, items 1 and 4)."""
+
+    async def test_seq_grows_by_one_across_instances(self) -> None:
+        """Appends on two instances get consecutive numbers from one counter."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        seqs = []
+        for i in range(6):
+            node = (a, b)[i % 2]
+            seqs.append(await node.bus.append("p1", raw_event(f"op-{i}")))
+        self.assertTrue(contiguous(seqs), seqs)
+        # A new room's first number is the Redis time in ms: a new epoch
+        # after a data loss starts above anything given out before.
+        now_ms = int(float((await redis.command("TIME"))[0]) * 1000)
+        self.assertLess(abs(seqs[0] - now_ms), 60_000)
+        stored = await redis.command("XRANGE", "happyrobot:history:p1", "-", "+")
+        self.assertEqual([int(i.split("-")[0]) for i, _ in stored], seqs)
+        self.assertEqual(int(await redis.command("GET", "happyrobot:seq:p1")), seqs[-1])
+
+    async def test_interleaved_publishers_one_order(self) -> None:
+        """Two instances publishing at once: every member gets one gap-free seq order."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        members = [await a.member("a1"), await a.member("a2"), await b.member("b1")]
+        appended = []
+        for i in range(25):
+            appended.append(a.bus.append("p1", raw_event(f"a-{i}")))
+            appended.append(b.bus.append("p1", raw_event(f"b-{i}")))
+        seqs = await gatherResults(appended)
+        self.assertEqual(sorted(seqs), list(range(min(seqs), min(seqs) + 50)))
+        for m in members:
+            await m.until(max(seqs))
+            self.assertEqual(m.seqs(), sorted(seqs))
+            ops = [e["operationId"] for e in m.received]
+            self.assertEqual([o for o in ops if o.startswith("a-")],
+                             [f"a-{i}" for i in range(25)])
+
+    async def test_sender_skipped(self) -> None:
+        """The sending connection does not get its own event back; its neighbours do."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis)
+        a1, a2 = await a.member("a1"), await a.member("a2")
+        seq = await a.bus.append("p1", raw_event("x"), exclude="a1")
+        marker = await a.bus.append("p1", raw_event("marker"))
+        await a2.until(marker)
+        await a1.until(marker)
+        self.assertEqual(a2.seqs(), [seq, marker])
+        self.assertEqual(a1.seqs(), [marker])
+
+    async def test_ack_dedupe_across_instances(self) -> None:
+        """A retry with the same op key on another instance gets the original seq, delivered once."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        watcher = await b.member("b1")
+        first = await a.bus.append("p1", raw_event("op-1"), "a9", ("user-1", "op-1"))
+        again = await b.bus.append("p1", raw_event("op-1"), "b9", ("user-1", "op-1"))
+        other_user = await b.bus.append("p1", raw_event("op-1"), "b9", ("user-2", "op-1"))
+        self.assertEqual(again, first)
+        self.assertEqual(other_user, first + 1)
+        await watcher.until(other_user)
+        self.assertEqual(watcher.seqs(), [first, other_user])
+
+    async def test_script_loaded_again_after_flush(self) -> None:
+        """After SCRIPT FLUSH (as after a Redis restart) the next append loads the script again."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis)
+        first = await a.bus.append("p1", raw_event("1"))
+        await redis.command("SCRIPT", "FLUSH")
+        self.assertEqual(await a.bus.append("p1", raw_event("2")), first + 1)
+        self.assertEqual((await a.bus.replay("p1", first)).seq, first + 1)
+
+
+class ReplayTests(BusTestCase):
+    """Resuming with since, on the instance or on another one (items 2 and 3)."""
+
+    async def test_resume_on_other_instance(self) -> None:
+        """A member gone from A resumes on B: exactly the missed events, then live ones."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        gone = await a.member("a1")
+        seqs = [await a.bus.append("p1", raw_event(f"before-{i}")) for i in range(3)]
+        await gone.until(seqs[-1])
+        a.registry.leave("p1", gone)
+        since = gone.seqs()[-1]
+        missed = [await b.bus.append("p1", raw_event(f"missed-{i}")) for i in range(4)]
+        back = await b.resume("a1", since)
+        live = [await a.bus.append("p1", raw_event(f"live-{i}")) for i in range(3)]
+        await back.until(live[-1])
+        self.assertEqual(back.seqs(), missed + live)
+
+    async def test_resume_while_events_keep_arriving(self) -> None:
+        """Events appended during the replay reach the resuming member once, in order."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        since = await a.bus.append("p1", raw_event("start"))
+        for i in range(20):
+            a.bus.append("p1", raw_event(f"early-{i}"))
+        resumes = [Deferred.fromCoroutine(b.resume(f"r{i}", since)) for i in range(3)]
+        flow = [a.bus.append("p1", raw_event(f"flow-{i}")) for i in range(30)]
+        members = await gatherResults(resumes)
+        last = max(await gatherResults(flow))
+        for m in members:
+            await m.until(last)
+            self.assertEqual(m.seqs(), list(range(since + 1, last + 1)))
+
+    async def test_resume_from_current_seq(self) -> None:
+        """since = the current seq replays nothing and misses nothing after."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis)
+        seq = await a.bus.append("p1", raw_event("1"))
+        replay = await a.bus.replay("p1", seq)
+        self.assertEqual((replay.events, replay.seq), ([], seq))
+
+    async def test_since_beyond_history(self) -> None:
+        """A since the history no longer reaches gives None and the current seq."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis, history_size=5)
+        seqs = [await a.bus.append("p1", raw_event(str(i))) for i in range(12)]
+        replay = await a.bus.replay("p1", seqs[0])
+        self.assertEqual((replay.events, replay.seq), (None, seqs[-1]))
+        ok = await a.bus.replay("p1", seqs[-6])
+        self.assertEqual([json.loads(e)["seq"] for e in ok.events or []], seqs[-5:])
+        # Above the current seq, or from an older epoch (lower, before the oldest kept):
+        self.assertIsNone((await a.bus.replay("p1", seqs[-1] + 1)).events)
+        self.assertIsNone((await a.bus.replay("p1", 3)).events)
+        m = await a.resume("m1", seqs[0])
+        self.assertEqual(m.received[0], {"type": "RESYNC_REQUIRED", "seq": seqs[-1]})
+
+    async def test_history_trimmed_by_age(self) -> None:
+        """Entries older than the history TTL are trimmed and not replayed."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis, history_ttl_seconds=60)
+        # A room whose two kept events were added long ago (field t, in ms).
+        for seq in (99, 100):
+            await redis.command("XADD", "happyrobot:history:p1", f"{seq}-0",
+                                "t", "1000", "e", '{"seq":%d}' % seq)
+        await redis.command("SET", "happyrobot:seq:p1", "100")
+        replay = await a.bus.replay("p1", 98)
+        self.assertEqual((replay.events, replay.seq), (None, 100))
+        self.assertEqual(await redis.command("XLEN", "happyrobot:history:p1"), 0)
+        nxt = await a.bus.append("p1", raw_event("3"))
+        self.assertEqual(nxt, 101)
+        replay = await a.bus.replay("p1", 100)
+        self.assertEqual([json.loads(e)["seq"] for e in replay.events or []], [101])
+        self.assertIsNone((await a.bus.replay("p1", 99)).events)
+
+    async def test_dedupe_ends_with_the_history(self) -> None:
+        """An op key whose event left the history numbers the retry as a new event."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis, history_size=1)
+        first = await a.bus.append("p1", raw_event("op"), None, ("u", "op"))
+        for i in range(300):  # MAXLEN ~ trims whole nodes of the stream
+            await a.bus.append("p1", raw_event(str(i)))
+        again = await a.bus.append("p1", raw_event("op"), None, ("u", "op"))
+        self.assertGreater(again, first)
+
+
+class OutageTests(BusTestCase):
+    """No silent gap after a broker hiccup (item 7)."""
+
+    async def test_subscription_interrupted_catch_up(self) -> None:
+        """Events published while A's subscription was down reach A's members in order."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        member = await a.member("a1")
+        seqs = [await b.bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
+        await member.until(seqs[-1])
+        # Cut every pub/sub connection (A's and B's); the command links stay.
+        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
+        await a.settled()
+        live = await b.bus.append("p1", raw_event("z"))
+        await member.until(live)
+        self.assertEqual(member.seqs(), seqs + missed + [live])
+
+    async def test_append_refused_while_redis_down(self) -> None:
+        """While Redis is unreachable an append fails with UNAVAILABLE and delivers nothing."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis)
+        m1 = await a.member("a1")
+        await redis.stop()
+        await a.bus.when(lambda: not a.bus.healthy)
+        f = await self.assertFailure(a.bus.append("p1", raw_event("x")), Unavailable)
+        self.assertEqual(f.code, "UNAVAILABLE")
+        await self.assertFailure(a.bus.replay("p1", 1), Unavailable)
+        self.assertEqual(m1.received, [])
+
+    async def test_redis_restart_mid_stream(self) -> None:
+        """
+        Redis restarted (empty) while events flow: every member ends with
+        the events in order, each gap marked by RESYNC_REQUIRED at a seq
+        past it.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        members = [await a.member("a1"), await b.member("b1"), await b.member("b2")]
+        before = [await a.bus.append("p1", raw_event(f"x-{i}")) for i in range(5)]
+        for m in members:
+            await m.until(before[-1])
+        flow = [b.bus.append("p1", raw_event(f"y-{i}")) for i in range(10)]
+        await redis.stop()
+        await redis.start()
+        await a.settled()
+        await b.settled()
+        after = [await a.bus.append("p1", raw_event(f"z-{i}")) for i in range(3)]
+        accepted = [s for s in await gatherResults(
+            [d.addErrback(lambda f: f.trap(Unavailable) and None) for d in flow]) if s]
+        self.assertGreater(after[0], max(before + accepted))  # a new epoch
+        for m in members:
+            await m.until(after[-1])
+            assert_no_silent_gap(self, m.seqs())
+            self.assertEqual(m.seqs()[-3:], after)
+
+    async def test_room_opened_while_down_subscribes_later(self) -> None:
+        """A room opened while Redis is down is read, subscribed and caught up once it is back."""
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        await redis.stop()
+        await a.bus.when(lambda: not a.bus.healthy)
+        m = Recorder("a1")
+        a.registry.join("p2", m)
+        await redis.start()
+        await a.settled()
+        await b.settled()
+        seq = await b.bus.append("p2", raw_event("1"))
+        await m.until(seq)
+        self.assertEqual(m.seqs(), [seq])
+
+
+def assert_no_silent_gap(test: Any, seqs: list[int]) -> None:
+    """
+    Each event's seq is the last one's plus one, unless a RESYNC_REQUIRED
+    (negative in L{Recorder.seqs}) came between, after which events follow
+    its seq.
+    """
+    last = None
+    for s in seqs:
+        if s < 0:
+            last = -s
+            continue
+        if last is not None:
+            test.assertEqual(s, last + 1, seqs)
+        last = s
+
+
+# ---------------------------------------------------------------- v2 through WebSockets
+
+
+class Tracker:
+    """
+    What one client knows of a room across its connections: the seqs it
+    received or had acknowledged, as a real client keeps them.  Its
+    C{since} is the end of the gap-free run from its starting point (an
+    ACK may overtake an earlier event from another instance).
+    """
+
+    def __init__(self, name: str, project_id: str) -> None:
+        self.name = name
+        self.project_id = project_id
+        self.base: int | None = None  # the seq of the first RESYNC_REQUIRED
+        self.known: dict[int, str] = {}  # seq -> operationId
+        self.connections: list[list[int]] = []  # event seqs received, per connection
+        self.resyncs: list[int] = []
+        self.unacked: dict[str, dict[str, Any]] = {}
+        self.errors: list[dict[str, Any]] = []
+        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
+
+    def since(self) -> int:
+        assert self.base is not None
+        s = self.base
+        while s + 1 in self.known:
+            s += 1
+        return s
+
+    def saw(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "RESYNC_REQUIRED":
+            self.resyncs.append(msg["seq"])
+            if self.base is None:
+                self.base = msg["seq"]
+        elif kind == "ACK":
+            self.known[msg["seq"]] = msg["operationId"]
+            self.unacked.pop(msg["operationId"], None)
+        elif kind == "ERROR":
+            self.errors.append(msg)
+        elif "seq" in msg:
+            self.connections[-1].append(msg["seq"])
+            self.known[msg["seq"]] = msg["operationId"]
+        waiting, self._waiters = self._waiters, []
+        for condition, d in waiting:
+            if condition():
+                d.callback(None)
+            else:
+                self._waiters.append((condition, d))
+
+    def when(self, condition: Callable[[], bool]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if condition():
+            d.callback(None)
+        else:
+            self._waiters.append((condition, d))
+        return d
+
+    def until(self, seq: int) -> Deferred[None]:
+        """Fires once every seq up to C{seq} is known."""
+        return self.when(lambda: self.base is not None and self.since() >= seq)
+
+
+class TrackedClient(Client):
+    """A WebSocket client that reports every message to its L{Tracker}."""
+
+    tracker: Tracker
+    closed_at: float | None = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        super().onMessage(payload, isBinary)
+        msg = json.loads(payload)
+        if msg.get("type") != "USER_PRESENCE":
+            self.tracker.saw(msg)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed_at = reactor.seconds()
+        super().onClose(wasClean, code, reason)
+
+    def send_event(self, op: str) -> None:
+        """Send a TASK_UPDATE with ack, remembered until acknowledged."""
+        msg = dict(event(op, self.tracker.project_id), ack=True)
+        self.tracker.unacked[op] = msg
+        self.send_json(msg)
+
+
+async def open_tracked(port_number: int, tracker: Tracker) -> TrackedClient:
+    """
+    Connect C{tracker}'s client to the server on C{port_number} and join its
+    room with C{since} (0 the first time, which always answers
+    RESYNC_REQUIRED with the current seq), then send again what was never
+    acknowledged (the server recognises retries).
+    """
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port_number}/ws", origin=ORIGIN)
+    factory.protocol = TrackedClient
+    client: TrackedClient = await TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port_number).connect(factory)
+    client.tracker = tracker
+    await client.opened
+    tracker.connections.append([])
+    since = 0 if tracker.base is None else tracker.since()
+    client.send_json({"type": "SET_USER", "payload": {"userId": tracker.name}})
+    client.send_json({"type": "JOIN_PROJECT", "projectId": tracker.project_id, "since": since})
+    for msg in list(tracker.unacked.values()):
+        client.send_json(msg)
+    return client
+
+
+def check_tracker(test: Any, tracker: Tracker, last: int) -> None:
+    """
+    C{tracker} ended with every event of the room from its start to
+    C{last}, each once per connection and in seq order, and no resync.
+    """
+    assert tracker.base is not None
+    test.assertEqual(tracker.resyncs, [tracker.base], tracker.name)
+    test.assertEqual(sorted(tracker.known), list(range(tracker.base + 1, last + 1)),
+                     tracker.name)
+    for seqs in tracker.connections:
+        test.assertEqual(seqs, sorted(set(seqs)), tracker.name)
+    test.assertEqual(tracker.errors, [], tracker.name)
+
+
+class ResumeOverWebSocketTests(RedisTestCase):
+    """Clients resuming with since through the real WebSocket server (items 3 and 6)."""
+
+    timeout = 30
+
+    def track(self, name: str, project_id: str = "p1") -> Tracker:
+        return Tracker(name, project_id)
+
+    async def client(self, node: Node, tracker: Tracker) -> TrackedClient:
+        c = await open_tracked(node.port_number, tracker)
+        node._clients.append(c)
+        await tracker.when(lambda: tracker.base is not None)
+        return c
+
+    async def test_resume_on_other_instance(self) -> None:
+        """A client cut off from A resumes on B: the missed events, then live ones, nothing twice."""
+        redis = await self.start_redis()
+        a, b = await self.start_node(redis), await self.start_node(redis)
+        writer, reader = self.track("writer"), self.track("reader")
+        w = await self.client(b, writer)
+        r = await self.client(a, reader)
+        await a.settled()
+        for i in range(3):
+            w.send_event(f"before-{i}")
+        await writer.when(lambda: not writer.unacked)
+        await reader.until(writer.since())
+        r.dropConnection(abort=True)
+        await r.closed
+        for i in range(5):
+            w.send_event(f"missed-{i}")
+        await writer.when(lambda: not writer.unacked)
+        r = await self.client(b, reader)
+        for i in range(3):
+            w.send_event(f"live-{i}")
+        await writer.when(lambda: not writer.unacked)
+        await reader.until(writer.since())
+        check_tracker(self, reader, writer.since())
+        self.assertEqual(len(reader.connections[1]), 8)  # 5 missed + 3 live
+
+    async def test_ack_retry_on_other_instance(self) -> None:
+        """An event retried on another instance is acknowledged with its seq and delivered once."""
+        redis = await self.start_redis()
+        a, b = await self.start_node(redis), await self.start_node(redis)
+        reader = self.track("reader")
+        await self.client(b, reader)
+        w1 = await self.joined_on(a, "writer")
+        w1.send_json(dict(event("op-1"), ack=True))
+        first = await w1.next_of("ACK")
+        w2 = await self.joined_on(b, "writer")
+        w2.send_json(dict(event("op-1"), ack=True))
+        again = await w2.next_of("ACK")
+        self.assertEqual(again["seq"], first["seq"])
+        w2.send_json(dict(event("op-2"), ack=True))
+        second = await w2.next_of("ACK")
+        self.assertEqual(second["seq"], first["seq"] + 1)
+        await reader.until(second["seq"])
+        self.assertEqual(reader.connections[0], [first["seq"], second["seq"]])
+
+    async def joined_on(self, node: Node, user: str) -> Client:
+        c = await node.connect()
+        c.send_json({"type": "SET_USER", "payload": {"userId": user}})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        await node.round_trip(c)
+        return c
+
+    async def test_rolling_restart(self) -> None:
+        """
+        A is stopped with its DrainService (1001 closes spread over the
+        window) while events keep flowing from B; its clients resume on B
+        with since and none misses an event.
+        """
+        from happyrobot.tap import DrainService
+
+        redis = await self.start_redis()
+        # The writer sends as fast as it is acknowledged: no rate limit.
+        a = await self.start_node(redis, rate_limit_per_second=0)
+        b = await self.start_node(redis, rate_limit_per_second=0)
+        writer = self.track("writer")
+        w = await self.client(b, writer)
+        trackers = [self.track(f"r{i}") for i in range(4)]
+        on_a = [await self.client(a, t) for t in trackers]
+        await a.settled()
+        resumed: list[Deferred[TrackedClient]] = []
+        for c in on_a:
+            # Reconnect to B as soon as A closes us, as the browser client does.
+            c.closed.addCallback(lambda _, t=c.tracker: resumed.append(
+                Deferred.fromCoroutine(self.client(b, t))))
+
+        flowing = True
+
+        async def flow() -> None:
+            i = 0
+            while flowing:
+                w.send_event(f"flow-{i}")
+                i += 1
+                await writer.when(lambda: not writer.unacked)
+
+        publisher = Deferred.fromCoroutine(flow())
+        await writer.when(lambda: len(writer.known) >= 5)
+        await a.port.stopListening()
+        drain = DrainService(a.factory, timeout=5, window=0.4)
+        drain.startService()
+        await drain.stopService()
+        await gatherResults([c.closed for c in on_a])
+        self.assertEqual([(c.close_code, c.tracker.name) for c in on_a],
+                         [(1001, t.name) for t in trackers])
+        closes = sorted(c.closed_at or 0 for c in on_a)
+        self.assertGreater(closes[-1] - closes[0], 0.2)  # spread, not all at once
+        await gatherResults(resumed)
+        mark = writer.since()
+        await writer.when(lambda: writer.since() >= mark + 5)
+        flowing = False
+        await publisher
+        last = writer.since()
+        for t in trackers:
+            await t.until(last)
+            check_tracker(self, t, last)
+            self.assertEqual(len(t.connections), 2)
+        await a.stop()
+
+    async def test_killed_instance_client_resumes_elsewhere(self) -> None:
+        """A client of a SIGKILLed twistd instance resumes on another instance without loss."""
+        redis = await self.start_redis()
+        a = await self.start_node(redis, instance_ttl_seconds=1.0)
+        proc, transport = spawn_twistd(
+            ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", "--redis-url", redis.url,
+             "--instance-ttl", "1"]
+        )
+        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+        output = await proc.wait_for(b"starting on ")
+        match = re.search(rb"starting on (\d+)", output)
+        assert match is not None
+        await proc.wait_for(b"Redis link up")
+        far = Node(a.factory, a.port)  # the client helpers, against the process
+        far.port_number = int(match.group(1))
+        writer, victim = self.track("writer"), self.track("victim")
+        w = await self.client(a, writer)
+        v = await open_tracked(far.port_number, victim)
+        await victim.when(lambda: victim.base is not None)
+        for i in range(3):
+            w.send_event(f"before-{i}")
+        await victim.until(victim.base + 3)  # type: ignore[operator]
+
+        transport.signalProcess("KILL")
+        await proc.ended
+        for i in range(4):
+            w.send_event(f"while-dead-{i}")
+        await v.closed
+        await writer.when(lambda: not writer.unacked)
+        await self.client(a, victim)
+        w.send_event("after")
+        await writer.when(lambda: not writer.unacked)
+        await victim.until(writer.since())
+        check_tracker(self, victim, writer.since())
+        self.assertEqual(len(victim.connections[1]), 5)
+
+
+#: One step of a scenario: a client sends an event, loses its connection,
+#: or (if disconnected) resumes on instance 0 or 1.
+_step = st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 2)),
+    st.tuples(st.just("drop"), st.integers(0, 2)),
+    st.tuples(st.just("resume"), st.integers(0, 2), st.integers(0, 1)),
+)
+
+
+class InterleavingPropertyTests(RedisTestCase):
+    """
+    Random interleavings of publishes, disconnects and resumes through
+    Redis and two instances (item 5): every client ends with exactly the
+    room's events, each connection's in seq order.
+    """
+
+    timeout = 120
+
+    async def test_random_interleavings(self) -> None:
+        """Whatever the interleaving, every client ends with every event of the room, in order."""
+        redis = await self.start_redis()
+        nodes = [await self.start_node(redis, rate_limit_per_second=0),
+                 await self.start_node(redis, rate_limit_per_second=0)]
+        examples = iter(range(1000))
+        events: list[int] = []  # how many events each example's room got
+
+        async def scenario(steps: list[tuple[Any, ...]]) -> None:
+            project_id = f"prop-{next(examples)}"
+            trackers = [Tracker(f"user-{i}", project_id) for i in range(3)]
+            clients: list[TrackedClient | None] = []
+            for i, t in enumerate(trackers):
+                clients.append(await open_tracked(nodes[i % 2].port_number, t))
+                await t.when(lambda t=t: t.base is not None)
+            sent = 0
+            try:
+                for step in steps:
+                    i = step[1]
+                    c = clients[i]
+                    if step[0] == "send" and c is not None:
+                        c.send_event(f"{project_id}-{sent}")
+                        sent += 1
+                    elif step[0] == "drop" and c is not None:
+                        c.dropConnection(abort=True)
+                        await c.closed
+                        clients[i] = None
+                    elif step[0] == "resume" and c is None:
+                        clients[i] = await open_tracked(nodes[step[2]].port_number, trackers[i])
+                for i, t in enumerate(trackers):
+                    if clients[i] is None:
+                        clients[i] = await open_tracked(nodes[i % 2].port_number, t)
+                for t in trackers:  # every event sent is accepted in the end (retries)
+                    await t.when(lambda t=t: not t.unacked)
+                # The room's last event: every event sent has been acknowledged.
+                last = max(max(t.known, default=t.since()) for t in trackers)
+                for t in trackers:
+                    await t.until(last)
+                    check_tracker(self, t, last)
+                events.append(last - min(t.base or 0 for t in trackers))
+                # One seq per operation: no retry was delivered twice.
+                ops = [op for t in trackers for op in t.known.values()]
+                for t in trackers:
+                    self.assertEqual(sorted(set(t.known.values())), sorted(set(ops)))
+                    self.assertEqual(len(t.known), len(set(t.known.values())))
+            finally:
+                for c in clients:
+                    if c is not None:
+                        c.dropConnection(abort=True)
+                        await c.closed
+
+        def run(steps: list[tuple[Any, ...]]) -> None:
+            d = Deferred.fromCoroutine(scenario(steps))
+            d.addTimeout(20, reactor)
+            return d
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(_step, min_size=4, max_size=30))
+        def prop(steps: list[tuple[Any, ...]]) -> None:
+            # Hypothesis drives from a thread; each example runs in the reactor.
+            blockingCallFromThread(reactor, run, steps)
+
+        await deferToThread(prop)
+        self.assertGreaterEqual(len(events), 15)
+        self.assertGreater(sum(events), 0)
+
+
+class OutageAdapterTests(RedisTestCase):
+    """What WebSocket and HTTP clients are told while Redis is unreachable."""
+
+    async def test_clients_told_unavailable(self) -> None:
+        """Events, resumes and broadcasts are refused with UNAVAILABLE / 503, never lost silently."""
+        redis = await self.start_redis()
+        a = await self.start_node(redis)
+        c = await a.join("p1", "user_a")
+        await c.next_of("USER_PRESENCE")
+        await redis.stop()
+        await a.bus.when(lambda: not a.bus.healthy)
+        c.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {},
+                     "operationId": "op-1", "ack": True})
+        err = await c.next_of("ERROR")
+        self.assertEqual((err["code"], err["operationId"]), ("UNAVAILABLE", "op-1"))
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p2", "since": 5})
+        err = await c.next_of("ERROR")
+        self.assertEqual(err["code"], "UNAVAILABLE")
+        self.assertNotIn("p2", a.factory.registry)
+        code, body, _ = await a.http("POST", "/broadcast", {"type": "X", "projectId": "p1"})
+        self.assertEqual(code, 503)
+        self.assertIn("error", body)

@@ -5,6 +5,8 @@ itself, shutdown, and the auto-ping that drops dead peers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.service import IServiceMaker
@@ -222,3 +224,142 @@ class ShutdownTests(ServerTestCase):
         self.assertEqual(await b.closed, 1001)
         await done
         self.assertEqual(self.factory.connections, {})
+
+
+class _Closing:
+    """A connection that records when it was told to close, and closes a moment later."""
+
+    def __init__(self, factory: "_DrainFactory", client_id: str, answers: bool = True) -> None:
+        self.factory = factory
+        self.client_id = client_id
+        self.answers = answers
+        self.closed_at: float | None = None
+        self.code: int | None = None
+
+    def sendCloseFrame(self, code: int, reason: bytes) -> None:
+        self.closed_at = self.factory.clock.seconds()
+        self.code = code
+        if self.answers:  # the client answers the close within 10 ms
+            self.factory.clock.callLater(0.01, self.gone)
+
+    def gone(self) -> None:
+        if self.factory.connections.pop(self.client_id, None) is not None:
+            self.factory.connection_closed()
+
+
+class _DrainFactory:
+    """What DrainService uses of CollabFactory, on a Clock."""
+
+    def __init__(self) -> None:
+        from twisted.internet.defer import succeed
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.draining = False
+        self.connections: dict[str, _Closing] = {}
+        self._waiters: list[Any] = []
+        self.http_pool = type("Pool", (), {"closeCachedConnections": lambda s: succeed(None)})()
+
+    def add(self, n: int, answers: bool = True) -> list[_Closing]:
+        conns = [_Closing(self, f"c{len(self.connections) + i}", answers) for i in range(n)]
+        for c in conns:
+            self.connections[c.client_id] = c
+        return conns
+
+    def when_empty(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        self.connection_closed()
+        return d
+
+    def connection_closed(self) -> None:
+        if not self.connections:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def abort_all(self) -> None:
+        for c in list(self.connections.values()):
+            c.gone()
+
+
+class DrainTests(SynchronousTestCase):
+    """Rolling restart: closes with 1001 spread over the drain window (issue 5, item 6)."""
+
+    def test_closes_spread_evenly_over_window(self) -> None:
+        """n connections are closed with 1001 at 0, w/n, 2w/n, ... seconds, not all at once."""
+        from happyrobot.tap import DrainService
+
+        f = _DrainFactory()
+        conns = f.add(8)
+        drain = DrainService(f, timeout=10, window=4)  # type: ignore[arg-type]
+        drain.startService()
+        done = drain.stopService()
+        self.assertTrue(f.draining)
+        self.assertEqual([c.closed_at for c in conns], [0.0] + [None] * 7)
+        f.clock.pump([0.125] * 32)
+        self.successResultOf(done)
+        self.assertEqual([c.closed_at for c in conns],
+                         [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+        self.assertEqual({c.code for c in conns}, {1001})
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_children_stop_after_the_drain(self) -> None:
+        """The bus (a child) keeps running until the last connection is gone."""
+        from twisted.application.service import Service
+
+        from happyrobot.tap import DrainService
+
+        f = _DrainFactory()
+        f.add(2)
+        drain = DrainService(f, timeout=10, window=2)  # type: ignore[arg-type]
+        bus = Service()
+        bus.setServiceParent(drain)
+        drain.startService()
+        done = drain.stopService()
+        f.clock.pump([0.5, 0.25])
+        self.assertTrue(bus.running)
+        f.clock.pump([0.25, 0.25])  # the second close went at 1 s and was answered
+        self.assertFalse(bus.running)
+        self.successResultOf(done)
+
+    def test_timeout_aborts_the_rest(self) -> None:
+        """Connections that never answer are dropped at SHUTDOWN_TIMEOUT after the stop began."""
+        from happyrobot.tap import DrainService
+
+        f = _DrainFactory()
+        conns = f.add(3, answers=False)
+        drain = DrainService(f, timeout=5, window=3)  # type: ignore[arg-type]
+        drain.startService()
+        done = drain.stopService()
+        f.clock.pump([0.25] * 19)
+        self.assertNoResult(done)
+        self.assertEqual([c.closed_at for c in conns], [0.0, 1.0, 2.0])
+        f.clock.advance(0.25)
+        self.successResultOf(done)
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_no_window_closes_all_at_once(self) -> None:
+        """With DRAIN_WINDOW_SECONDS=0 every connection is closed at once, as before."""
+        from happyrobot.tap import DrainService
+
+        f = _DrainFactory()
+        conns = f.add(5)
+        drain = DrainService(f, timeout=5)  # type: ignore[arg-type]
+        drain.startService()
+        done = drain.stopService()
+        self.assertEqual({c.closed_at for c in conns}, {0.0})
+        f.clock.advance(0.01)
+        self.successResultOf(done)
+
+    def test_make_service_wires_drain_window(self) -> None:
+        """makeService's drain uses DRAIN_WINDOW_SECONDS and SHUTDOWN_TIMEOUT."""
+        from happyrobot.tap import DrainService
+
+        service = makeService(options(environ={"DRAIN_WINDOW_SECONDS": "7",
+                                               "SHUTDOWN_TIMEOUT": "20"}),
+                              MemoryReactorClock())
+        drains = [s for s in service if isinstance(s, DrainService)]
+        self.assertEqual([(d.window, d.timeout) for d in drains], [(7.0, 20.0)])

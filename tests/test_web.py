@@ -5,7 +5,10 @@ JSON 404/405 replies.
 
 from __future__ import annotations
 
-from tests.helpers import ServerTestCase
+import os
+
+from happyrobot.web import _client_script
+from tests.helpers import REPO_ROOT, ServerTestCase
 
 
 class HealthTests(ServerTestCase):
@@ -179,3 +182,44 @@ class CorsAndRoutingTests(ServerTestCase):
         self.start_server()
         code, _, _ = await self.http("GET", "/ws")
         self.assertEqual(code, 426)
+
+
+def _client_js_in_repository() -> bytes:
+    """The checkout's happyrobot/static/client.js."""
+    with open(os.path.join(REPO_ROOT, "happyrobot", "static", "client.js"), "rb") as f:
+        return f.read()
+
+
+class ClientScriptTests(ServerTestCase):
+    """GET /client.js: the browser client, served from the package data."""
+
+    async def test_serves_the_module(self) -> None:
+        """/client.js is the repository's static/client.js as JavaScript, with CORS and caching."""
+        self.start_server()
+        code, body, headers = await self.http(
+            "GET", "/client.js", headers={"origin": "http://localhost:3000"})
+        self.assertEqual(code, 200)
+        self.assertEqual(body, _client_js_in_repository())
+        self.assertIn(b"export class HappyRobotClient", body)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/javascript; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders("access-control-allow-origin"),
+                         ["http://localhost:3000"])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["public, max-age=300"])
+        self.assertEqual(headers.getRawHeaders("etag"), [_client_script()[1].decode()])
+
+    async def test_not_modified(self) -> None:
+        """A request with the current ETag in If-None-Match gets 304 and no body."""
+        self.start_server()
+        _, _, headers = await self.http("GET", "/client.js")
+        etag = headers.getRawHeaders("etag")[0]
+        code, body, _ = await self.http("GET", "/client.js", headers={"if-none-match": etag})
+        self.assertEqual((code, body), (304, None))
+
+    async def test_head_and_wrong_method(self) -> None:
+        """HEAD answers without a body; POST gets the JSON 405."""
+        self.start_server()
+        code, body, _ = await self.http("HEAD", "/client.js")
+        self.assertEqual((code, body), (200, None))
+        code, body, headers = await self.http("POST", "/client.js", {})
+        self.assertEqual(code, 405)
+        self.assertEqual(headers.getRawHeaders("allow"), ["GET, OPTIONS"])

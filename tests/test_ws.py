@@ -10,7 +10,11 @@ import json
 from twisted.internet.defer import gatherResults
 
 from happyrobot.messages import RELAYED_TYPES
-from tests.helpers import Client, ServerTestCase
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from tests.helpers import ORIGIN, Client, ServerTestCase
 
 
 class ConnectionTests(ServerTestCase):
@@ -33,6 +37,21 @@ class ConnectionTests(ServerTestCase):
         self.assertEqual(self.factory.connections, {})
         ok = await self.connect(origin="http://localhost:3000")
         self.assertTrue(ok.client_id)
+
+    async def test_compression_offer_is_declined_not_fatal(self) -> None:
+        """A client offering permessage-deflate (every browser does) connects uncompressed."""
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        self.start_server()
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port_number}/ws", origin=ORIGIN)
+        factory.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
+        factory.protocol = Client
+        client: Client = await TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                  self.port_number).connect(factory)
+        self._clients.append(client)
+        await client.opened
+        self.assertEqual((await client.next())["type"], "CONNECTION_ESTABLISHED")
+        self.assertIsNone(client._perMessageCompress)
 
     async def test_no_origin_is_allowed(self) -> None:
         """A client without an Origin header (a back-end service) may connect."""
@@ -346,10 +365,13 @@ class BroadcastDeliveryTests(ServerTestCase):
             "type": "PROJECT_DELETE", "projectId": "p1", "payload": {"id": "p1"},
             "userId": "user_a"})
         self.assertEqual(code, 200)
+        seq = body.pop("seq")
+        self.assertIsInstance(seq, int)
         self.assertEqual(body, {"success": True, "message": "Broadcast sent",
                                 "projectId": "p1", "clientCount": 2})
         msgs = await gatherResults([a.next_of("PROJECT_DELETE"), b.next_of("PROJECT_DELETE")])
         for msg in msgs:
+            self.assertEqual(msg["seq"], seq)
             self.assertEqual(msg["userId"], "user_a")
             self.assertEqual(msg["payload"], {"id": "p1"})
             self.assertTrue(msg["operationId"].startswith("broadcast-"))

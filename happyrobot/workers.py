@@ -1,0 +1,166 @@
+"""
+``--workers N``: several processes serving one port, to use every core.
+
+Each worker is an ordinary instance of the server listening on the same
+TCP port with ``SO_REUSEPORT`` (the kernel spreads new connections over
+them) and sharing rooms, presence and history with the others through the
+Redis bus, exactly as instances on several machines do.  The process
+started by twistd is worker 0; it starts the other N-1 as child twistd
+processes with the same options, restarts one that dies, and stops them
+all when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from happyrobot import logs
+
+log = logs.get_logger(__name__)
+
+#: Set in a child worker's environment (its index), so it does not spawn more.
+WORKER_ENV = "HAPPYROBOT_WORKER"
+RESTART_DELAY_SECONDS = 1.0
+STOP_TIMEOUT_SECONDS = 15.0
+
+
+def tcp_address(description: str) -> tuple[str, int]:
+    """
+    The (interface, port) of a ``tcp:PORT[:interface=ADDR]`` description.
+
+    @raise ValueError: for any other kind of endpoint.
+    """
+    parts = description.split(":")
+    if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"workers need a tcp:PORT endpoint, got {description!r}")
+    interface = ""
+    for option in parts[2:]:
+        key, _, value = option.partition("=")
+        if key == "interface":
+            interface = value
+        elif key != "backlog":
+            raise ValueError(f"workers cannot use the endpoint option {key!r}")
+    return interface, int(parts[1])
+
+
+class ReusePortService(Service):
+    """Listens on a TCP port shared with the other workers (SO_REUSEPORT)."""
+
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        self._reactor = reactor
+        self._address = tcp_address(description)
+        self._factory = factory
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        interface, port = self._address
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((interface, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            self._port = self._reactor.adoptStreamPort(sock.fileno(), family, self._factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        log.info("worker {pid} listening on port {port}", pid=os.getpid(), port=port)
+        super().privilegedStartService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+class _Child(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self, reason)
+
+
+class WorkerPool(Service):
+    """Starts, restarts and stops the child workers 1..N-1."""
+
+    def __init__(self, reactor: Any, count: int, argv: list[str]) -> None:
+        self._reactor = reactor
+        self._count = count
+        self._argv = argv
+        self._children: dict[int, tuple[_Child, Any]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        child = _Child(self, index)
+        env = dict(os.environ, **{WORKER_ENV: str(index)})
+        transport = self._reactor.spawnProcess(
+            child, sys.executable, self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}
+        )
+        self._children[index] = (child, transport)
+        log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        self._children.pop(child.index, None)
+        if self.running:
+            log.error("worker {index} ended ({why}); restarting", index=child.index,
+                      why=reason.getErrorMessage())
+            self._reactor.callLater(RESTART_DELAY_SECONDS, self._respawn, child.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self._children:
+            self._spawn(index)
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        waits = []
+        for child, transport in list(self._children.values()):
+            try:
+                transport.signalProcess(signal.SIGTERM)
+            except Exception:  # already gone
+                continue
+            timer = self._reactor.callLater(STOP_TIMEOUT_SECONDS, _kill, transport)
+            child.ended.addBoth(lambda _, t=timer: t.cancel() if t.active() else None)
+            waits.append(child.ended)
+        return DeferredList(waits) if waits else None
+
+
+def _kill(transport: Any) -> None:
+    try:
+        transport.signalProcess(signal.SIGKILL)
+    except Exception:
+        pass
+
+
+def child_argv(argv: list[str] | None = None) -> list[str]:
+    """
+    How to start another worker: twistd in the foreground with no pidfile
+    (the parent owns those), and the plugin's options as they were given.
+    """
+    argv = sys.argv if argv is None else argv
+    plugin_args = argv[argv.index("happyrobot-ws") + 1:] if "happyrobot-ws" in argv else []
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "happyrobot-ws", *plugin_args]
+
+
+def is_child() -> bool:
+    return WORKER_ENV in os.environ

@@ -1,0 +1,370 @@
+"""
+Room sequence numbers, history, resume and acknowledgements: the pure
+history (happyrobot.history), the registry's hold/release, and the v2
+protocol over loopback with the in-memory engine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from happyrobot.config import Config
+from happyrobot.history import Histories, RoomHistory, with_seq
+from happyrobot.rooms import RoomRegistry
+from happyrobot.tap import build_factory
+from happyrobot.web import make_site
+from tests.helpers import Client, ServerTestCase
+
+
+def event(n: int) -> bytes:
+    return b'{"type":"TASK_UPDATE","payload":{"n":%d}}' % n
+
+
+def seqs(frames: list[bytes] | None) -> list[int]:
+    assert frames is not None
+    return [json.loads(f)["seq"] for f in frames]
+
+
+class RoomHistoryTests(SynchronousTestCase):
+    """RoomHistory with explicit times."""
+
+    def test_with_seq(self) -> None:
+        """seq is added to a serialised object without reparsing it."""
+        self.assertEqual(json.loads(with_seq(b'{"a":1}', 7)), {"a": 1, "seq": 7})
+
+    def test_numbers_grow_by_one_from_the_epoch(self) -> None:
+        """The first event gets the epoch number, each next one one more."""
+        h = RoomHistory(first_seq=1000, max_events=10, max_age_seconds=60)
+        self.assertEqual(h.seq, 999)
+        got = [h.append(event(i), now=0)[0] for i in range(3)]
+        self.assertEqual(got, [1000, 1001, 1002])
+
+    def test_since(self) -> None:
+        """since(n) gives the events after n in order; n equal to the last gives none."""
+        h = RoomHistory(1, 10, 60)
+        for i in range(5):
+            h.append(event(i), 0)
+        self.assertEqual(seqs(h.since(2, 0)), [3, 4, 5])
+        self.assertEqual(h.since(5, 0), [])
+        self.assertEqual(seqs(h.since(0, 0)), [1, 2, 3, 4, 5])
+
+    def test_gap_and_future_need_resync(self) -> None:
+        """A since before the kept events, or beyond the last number, gives None."""
+        h = RoomHistory(1, max_events=3, max_age_seconds=60)
+        for i in range(6):
+            h.append(event(i), 0)
+        self.assertEqual(seqs(h.since(3, 0)), [4, 5, 6])
+        self.assertIsNone(h.since(2, 0))
+        self.assertIsNone(h.since(7, 0))
+
+    def test_age_bound(self) -> None:
+        """Events older than the age bound are forgotten; the counter is not."""
+        h = RoomHistory(1, max_events=100, max_age_seconds=10)
+        h.append(event(1), now=0)
+        h.append(event(2), now=5)
+        self.assertEqual(seqs(h.since(0, now=9)), [1, 2])
+        self.assertIsNone(h.since(0, now=12))
+        self.assertEqual(seqs(h.since(1, now=12)), [2])
+        self.assertEqual(h.since(2, now=20), [])
+        self.assertTrue(h.empty)
+        self.assertEqual(h.append(event(3), now=20)[0], 3)
+
+    def test_retry_recognised_while_kept(self) -> None:
+        """The same op key gets the original number and no new event, until it ages out."""
+        h = RoomHistory(1, max_events=2, max_age_seconds=60)
+        self.assertEqual(h.append(event(1), 0, ("u", "op1")), (1, with_seq(event(1), 1)))
+        self.assertEqual(h.append(event(1), 0, ("u", "op1")), (1, None))
+        self.assertEqual(h.append(event(1), 0, ("other", "op1"))[0], 2)
+        h.append(event(2), 0)
+        h.append(event(3), 0)  # op1's event is trimmed now
+        seq, data = h.append(event(1), 0, ("u", "op1"))
+        self.assertEqual(seq, 5)
+        self.assertIsNotNone(data)
+
+
+class HistoriesTests(SynchronousTestCase):
+    """Histories: per-room epochs and sweeping."""
+
+    def test_epoch_is_creation_time_ms_and_sweep(self) -> None:
+        """A room's numbering starts at its creation time in ms; aged-out rooms are dropped."""
+        hs = Histories(max_events=10, max_age_seconds=10)
+        self.assertEqual(hs.get("p1", now=1.5).append(event(0), 1.5)[0], 1500)
+        hs.get("p2", now=2).append(event(0), 2)
+        self.assertEqual(len(hs), 2)
+        self.assertEqual(hs.sweep(now=5), 0)
+        self.assertEqual(hs.sweep(now=20), 2)
+        self.assertEqual(hs.get("p1", now=30).append(event(0), 30)[0], 30000)
+
+
+class Recorder:
+    """A room member that records what it is sent."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.user_id: str | None = client_id
+        self.initials = "XX"
+        self.frames: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+class HoldTests(SynchronousTestCase):
+    """RoomRegistry.join(hold=True) and release()."""
+
+    def test_hold_then_release_skips_replayed(self) -> None:
+        """Held events come out on release, except those numbered at or below after_seq."""
+        registry = RoomRegistry(Clock(), encode=lambda b: b)
+        other = Recorder("other")
+        registry.join("p", other)
+        member = Recorder("m")
+        registry.join("p", member, hold=True)
+        member.frames.clear()
+        for seq in (5, 6, 7):
+            registry.deliver("p", b"e%d" % seq, seq=seq)
+        self.assertEqual(member.frames, [])
+        self.assertEqual(other.frames[-3:], [b"e5", b"e6", b"e7"])
+        registry.release("p", member, after_seq=6)
+        self.assertEqual(member.frames, [b"e7"])
+        registry.deliver("p", b"e8", seq=8)
+        self.assertEqual(member.frames, [b"e7", b"e8"])
+
+    def test_leave_drops_hold(self) -> None:
+        """Leaving while held forgets the held events; release after that sends nothing."""
+        registry = RoomRegistry(Clock(), encode=lambda b: b)
+        keep = Recorder("keep")
+        registry.join("p", keep)
+        member = Recorder("m")
+        registry.join("p", member, hold=True)
+        registry.deliver("p", b"e1", seq=1)
+        registry.leave("p", member)
+        member.frames.clear()
+        registry.release("p", member, after_seq=0)
+        self.assertEqual(member.frames, [])
+
+
+class DeliveryGuaranteeTests(ServerTestCase):
+    """seq, resume with since, RESYNC_REQUIRED and ACK over loopback (in-memory engine)."""
+
+    async def events(self, client: Client, count: int) -> list[dict[str, Any]]:
+        got = []
+        while len(got) < count:
+            msg = await client.next()
+            if msg["type"] == "TASK_UPDATE":
+                got.append(msg)
+        return got
+
+    async def test_relayed_events_carry_seq_and_project(self) -> None:
+        """Relayed events carry consecutive seq numbers and the projectId."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        for i in range(3):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i}})
+        got = await self.events(b, 3)
+        first = got[0]["seq"]
+        self.assertEqual([m["seq"] for m in got], [first, first + 1, first + 2])
+        self.assertEqual({m["projectId"] for m in got}, {"p1"})
+
+    async def test_resume_gets_missed_then_live(self) -> None:
+        """A client rejoining with since gets exactly what it missed, then live events."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": 0}})
+        last = (await self.events(b, 1))[0]["seq"]
+        b.sendClose(1000)
+        await b.closed
+        for i in range(1, 4):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i}})
+        await self.round_trip(a)
+        c = await self.connect()
+        c.send_json({"type": "SET_USER", "payload": {"userId": "user_b"}})
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "since": last})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": 4}})
+        got = await self.events(c, 4)
+        self.assertEqual([m["payload"]["i"] for m in got], [1, 2, 3, 4])
+        self.assertEqual([m["seq"] for m in got], list(range(last + 1, last + 5)))
+        self.assertEqual([m["type"] for m in await self.round_trip(c)
+                          if m["type"] == "TASK_UPDATE"], [])
+
+    async def test_since_beyond_history_resyncs(self) -> None:
+        """When the history no longer reaches back, RESYNC_REQUIRED gives the current seq."""
+        self.start_server(history_size=2)
+        a = await self.joined("p1", "user_a")
+        seq = 0
+        for i in range(5):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i},
+                         "operationId": f"op{i}", "ack": True})
+            seq = (await a.next_of("ACK"))["seq"]
+        c = await self.connect()
+        c.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "u",
+                     "since": seq - 4})
+        msg = await c.next_of("RESYNC_REQUIRED")
+        self.assertEqual((msg["projectId"], msg["seq"]), ("p1", seq))
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": 5}})
+        live = await self.events(c, 1)
+        self.assertEqual(live[0]["seq"], seq + 1)
+
+    async def test_join_without_since_is_v1(self) -> None:
+        """A join without since replays nothing."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {}})
+        await self.round_trip(a)
+        b = await self.joined("p1", "user_b")
+        self.assertEqual([m for m in await self.round_trip(b) if m["type"] == "TASK_UPDATE"],
+                         [])
+
+    async def test_ack_and_retry(self) -> None:
+        """ack:true gets an ACK with the seq; a retry is acknowledged again and not redelivered."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        frame = {"type": "TASK_CREATE", "projectId": "p1", "payload": {"id": "t1"},
+                 "operationId": "op-1", "ack": True}
+        a.send_json(frame)
+        ack = await a.next_of("ACK")
+        self.assertEqual((ack["operationId"], ack["projectId"]), ("op-1", "p1"))
+        a.send_json(frame)
+        again = await a.next_of("ACK")
+        self.assertEqual(again["seq"], ack["seq"])
+        got = [m for m in await self.round_trip(b) if m["type"] == "TASK_CREATE"]
+        self.assertEqual([m["seq"] for m in got], [ack["seq"]])
+
+    async def test_refused_ack_event_gets_error_with_operation_id(self) -> None:
+        """An ack event into a room not joined gets the ERROR with its operationId."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p2", "operationId": "op-x",
+                     "ack": True})
+        err = await a.next_of("ERROR")
+        self.assertEqual((err["code"], err["operationId"]), ("NOT_IN_PROJECT", "op-x"))
+
+    async def test_bad_since_and_ack(self) -> None:
+        """since must be a non-negative integer; ack needs an operationId."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p2", "since": -1})
+        self.assertEqual((await a.next_of("ERROR"))["code"], "INVALID_SINCE")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "ack": True})
+        self.assertEqual((await a.next_of("ERROR"))["code"], "MISSING_OPERATION_ID")
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """An in-memory client that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[dict[str, Any]] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append(json.loads(payload))
+
+    def send_json(self, obj: Any) -> None:
+        self.sendMessage(json.dumps(obj).encode())
+
+
+class MemoryServer:
+    """The real server stack and real clients joined by iosim on a fake clock."""
+
+    def __init__(self, test: SynchronousTestCase, config: Config) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_700_000_000)  # a realistic epoch for sequence numbers
+        saved = txaio.config.loop
+        txaio.config.loop = self.clock  # Autobahn's timers go through txaio
+        test.addCleanup(setattr, txaio.config, "loop", saved)
+        self.factory = build_factory(config, self.clock)
+        self.site = make_site(self.factory)
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(self) -> RecordingClient:
+        server = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        factory = WebSocketClientFactory("ws://127.0.0.1/ws", reactor=self.clock)
+        factory.protocol = RecordingClient
+        client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server),
+                                        client, iosim.makeFakeClient(client)))
+        self.flush()
+        return client
+
+    def flush(self) -> None:
+        for _ in range(4):
+            for pump in self.pumps:
+                pump.flush()
+            self.clock.advance(0)
+
+
+class InterleavingTests(SynchronousTestCase):
+    """Property: no interleaving of publishes, drops and resumes loses or repeats an event."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.sampled_from(["publish", "publish", "broadcast", "drop", "resume"]),
+                    min_size=1, max_size=30),
+           st.integers(min_value=2, max_value=50))
+    def test_interleavings_lose_nothing(self, script: list[str], history: int) -> None:
+        """A client ends with exactly the room's events in seq order, or is told to resync."""
+        server = MemoryServer(self, Config(presence_window_seconds=0, ping_interval_seconds=0,
+                                           history_size=history, rate_limit_per_second=0))
+        pub = server.connect()
+        pub.send_json({"type": "JOIN_PROJECT", "projectId": "p", "userId": "pub"})
+        sub: RecordingClient | None = server.connect()
+        assert sub is not None
+        # A v2 client's first join says since 0: RESYNC_REQUIRED tells it the
+        # room's current seq, from which it can later resume without a gap.
+        sub.send_json({"type": "JOIN_PROJECT", "projectId": "p", "userId": "sub", "since": 0})
+        server.flush()
+        bus = server.factory.bus
+        seen: list[int] = []
+        published = 0
+
+        def collect(client: RecordingClient) -> None:
+            for m in client.received:
+                if m["type"] in ("TASK_UPDATE", "PROJECT_DELETE"):
+                    seen.append(m["seq"])
+                elif m["type"] == "RESYNC_REQUIRED":
+                    # The client reloads the room as of this seq: what it
+                    # holds counts as everything up to here.
+                    seen.extend(range(seen[-1] + 1 if seen else m["seq"], m["seq"] + 1))
+            client.received.clear()
+
+        collect(sub)
+
+        for step in script:
+            if step == "publish":
+                pub.send_json({"type": "TASK_UPDATE", "projectId": "p", "payload": {}})
+                published += 1
+            elif step == "broadcast":
+                bus.append("p", b'{"type":"PROJECT_DELETE","projectId":"p"}')
+                published += 1
+            elif step == "drop" and sub is not None:
+                server.flush()
+                collect(sub)
+                sub.dropConnection(abort=True)
+                sub = None
+            elif step == "resume" and sub is None:
+                sub = server.connect()
+                sub.send_json({"type": "JOIN_PROJECT", "projectId": "p", "userId": "sub",
+                               "since": seen[-1]})
+            server.flush()
+        if sub is not None:
+            collect(sub)
+        start = seen[0]  # the first RESYNC_REQUIRED: the room's seq at the first join
+        if sub is not None:
+            server.flush()
+            collect(sub)
+            # In order, no duplicate, no gap, up to the room's last event.
+            self.assertEqual(seen, list(range(start, start + len(seen))))
+            self.assertEqual(seen[-1], start + published)

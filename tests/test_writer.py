@@ -1,0 +1,157 @@
+"""
+The outgoing writer (happyrobot.writer): direct socket writes, falling back
+to the transport's buffer, its accounting and bound, and per-turn batching.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot.writer import SocketWriter, TurnFlusher
+
+
+class FakeTransport:
+    """A transport over a real socket pair; write() only buffers, like Twisted's."""
+
+    def __init__(self, sock: socket.socket | None, tls: bool = False) -> None:
+        self._sock = sock
+        self.TLS = tls
+        self.buffer: list[bytes] = []
+        self.producer: Any = None
+        self.disconnecting = False
+
+    def getHandle(self) -> socket.socket | None:
+        return self._sock
+
+    def write(self, data: bytes) -> None:
+        self.buffer.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def drain(self) -> bytes:
+        """What Twisted's doWrite would do: send the buffer, then ask for more."""
+        data = b"".join(self.buffer)
+        self.buffer.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+
+class SocketWriterTests(SynchronousTestCase):
+    """SocketWriter."""
+
+    def setUp(self) -> None:
+        self.a, self.b = socket.socketpair()
+        self.a.setblocking(False)
+        self.b.setblocking(False)
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.overflows = 0
+
+    def overflow(self) -> None:
+        self.overflows += 1
+
+    def test_first_write_goes_through_transport_then_direct(self) -> None:
+        """Until the transport reports empty, writes go through it; then to the socket."""
+        t = FakeTransport(self.a)
+        w = SocketWriter(t, 1000, self.overflow)
+        w.write(b"hello")
+        self.assertEqual(t.buffer, [b"hello"])
+        self.assertEqual(t.drain(), b"hello")
+        self.assertEqual(w.buffered, 0)
+        w.write(b"direct")
+        self.assertEqual(t.buffer, [])
+        self.assertEqual(self.b.recv(100), b"direct")
+
+    def test_full_socket_falls_back_in_order(self) -> None:
+        """What the kernel does not take goes to the transport, and later writes follow it."""
+        t = FakeTransport(self.a)
+        w = SocketWriter(t, 100 * 1024 * 1024, self.overflow)
+        t.drain()
+        big = b"x" * (8 * 1024 * 1024)  # more than a socket pair buffers
+        w.write(big)
+        self.assertTrue(t.buffer)
+        w.write(b"after")
+        self.assertEqual(t.buffer[-1], b"after")
+        received = b""
+        while True:
+            try:
+                chunk = self.b.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+        self.assertEqual(received + b"".join(t.buffer), big + b"after")
+
+    def test_bound(self) -> None:
+        """Past the bound event frames are refused and reported; protocol frames still go."""
+        t = FakeTransport(None)  # no direct path: everything is buffered
+        w = SocketWriter(t, 10, self.overflow)
+        w.write(b"123456789")  # 1 (unknown) + 9 = 10: not over
+        self.assertEqual(self.overflows, 0)
+        w.write(b"ab")  # 12 waiting now
+        w.write(b"cd")  # refused: more than 10 already waiting
+        self.assertEqual(self.overflows, 1)
+        self.assertNotIn(b"cd", t.buffer)
+        w.write(b"close", bounded=False)
+        self.assertEqual(t.buffer[-1], b"close")
+
+    def test_one_large_frame_is_not_overflow(self) -> None:
+        """A single frame larger than the bound does not by itself cut a client off."""
+        t = FakeTransport(None)
+        w = SocketWriter(t, 10, self.overflow)
+        t.drain()
+        w.write(b"x" * 100)
+        self.assertEqual(self.overflows, 0)
+
+    def test_tls_never_direct(self) -> None:
+        """A TLS transport always gets the bytes, never the raw socket."""
+        t = FakeTransport(self.a, tls=True)
+        w = SocketWriter(t, 1000, self.overflow)
+        t.drain()
+        w.write(b"secret")
+        self.assertEqual(t.buffer, [b"secret"])
+
+    def test_unregisters_when_disconnecting(self) -> None:
+        """Once the transport is closing, the writer steps aside so the close can finish."""
+        t = FakeTransport(self.a)
+        SocketWriter(t, 1000, self.overflow)
+        t.disconnecting = True
+        t.drain()
+        self.assertIsNone(t.producer)
+
+
+class TurnFlusherTests(SynchronousTestCase):
+    """TurnFlusher."""
+
+    def test_flushes_each_marked_once_at_end_of_turn(self) -> None:
+        """Marked connections are flushed once, on the next clock turn."""
+        clock = Clock()
+        flusher = TurnFlusher(clock)
+        flushed: list[str] = []
+
+        class Conn:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def flush(self) -> int:
+                flushed.append(self.name)
+                return 1
+
+        a, b = Conn("a"), Conn("b")
+        flusher.mark(a)
+        flusher.mark(b)
+        self.assertEqual(flushed, [])
+        clock.advance(0)
+        self.assertEqual(flushed, ["a", "b"])
+        clock.advance(0)
+        self.assertEqual(flushed, ["a", "b"])
