@@ -68,7 +68,16 @@ class TurnFlusher:
         return result
 
     def flush_all(self) -> None:
-        self._call = None
+        """
+        Flush every marked connection now.  Called at the end of the turn,
+        or earlier by a connection that has just handled an incoming read
+        (so the frames that read produced leave at once, still together).
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._dirty and not self._received:
+            return
         dirty, self._dirty = self._dirty, []
         frames = 0
         for conn in dirty:

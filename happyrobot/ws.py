@@ -187,6 +187,13 @@ class CollabProtocol(WebSocketServerProtocol):
         self.factory.metrics.slow_reader()
         self._close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
 
+    def dataReceived(self, data: bytes) -> None:
+        # Everything this read produced (one event or a burst, for every
+        # recipient) is written now rather than on the next reactor turn:
+        # still one send() per recipient per read, and no added latency.
+        super().dataReceived(data)
+        self.factory.flusher.flush_all()
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._out is None:
             return  # closing: nothing more is answered

@@ -155,3 +155,21 @@ class TurnFlusherTests(SynchronousTestCase):
         self.assertEqual(flushed, ["a", "b"])
         clock.advance(0)
         self.assertEqual(flushed, ["a", "b"])
+
+    def test_early_flush_cancels_the_turn_call(self) -> None:
+        """Flushing early (after a read) writes at once and leaves no call pending."""
+        clock = Clock()
+        flusher = TurnFlusher(clock)
+        flushed: list[int] = []
+
+        class Conn:
+            def flush(self) -> int:
+                flushed.append(1)
+                return 1
+
+        flusher.mark(Conn())
+        flusher.flush_all()
+        self.assertEqual(flushed, [1])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        flusher.flush_all()  # nothing marked: nothing to do
+        self.assertEqual(flushed, [1])
