@@ -401,11 +401,13 @@ class QuietSite(Site):
 
     requestFactory = BoundedRequest
 
-    def __init__(self, resource: Resource, max_body_bytes: int, timeout: float) -> None:
+    def __init__(
+        self, resource: Resource, max_body_bytes: int, timeout: float, reactor: Any = None
+    ) -> None:
         # The idle timeout also bounds how long a socket may sit before
         # sending its HTTP request (Twisted suspends it while a request is
         # handled, so upgraded WebSockets are not affected).
-        super().__init__(resource, timeout=timeout)
+        super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
 
     def log(self, request: Request) -> None:
@@ -421,5 +423,10 @@ class QuietSite(Site):
 def make_site(factory: CollabFactory) -> Site:
     """The whole HTTP + WebSocket site around a L{CollabFactory}."""
     config = factory.config
-    return QuietSite(Root(factory), config.max_broadcast_bytes, config.handshake_timeout_seconds)
+    return QuietSite(
+        Root(factory),
+        config.max_broadcast_bytes,
+        config.handshake_timeout_seconds,
+        reactor=factory.clock,
+    )
 

@@ -5,6 +5,9 @@ token, the rate limit, the room and connection caps and the slow-reader bound.
 
 from __future__ import annotations
 
+from typing import Any
+
+import txaio
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.security import (
@@ -252,3 +255,41 @@ class JoinStormTests(ServerTestCase):
         presence_frames = sum(
             1 for c in clients for m in c.pending() if m["type"] == "USER_PRESENCE")
         self.assertEqual(presence_frames, 0)  # nothing after the final list
+
+
+class HandshakeTimeoutTests(SynchronousTestCase):
+    """Half-open sockets cannot pile up: HANDSHAKE_TIMEOUT bounds the opening handshake."""
+
+    def server(self, timeout: float) -> tuple[Any, Any, Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from happyrobot.config import Config
+        from happyrobot.tap import build_factory
+        from happyrobot.web import make_site
+
+        clock = MemoryReactorClock()
+        saved = txaio.config.loop
+        txaio.config.loop = clock  # Autobahn's handshake timer goes through txaio
+        self.addCleanup(setattr, txaio.config, "loop", saved)
+        factory = build_factory(Config(handshake_timeout_seconds=5, ping_interval_seconds=0),
+                                clock)
+        proto = make_site(factory).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return clock, proto, transport
+
+    def test_silent_socket_closed(self) -> None:
+        """A connection that never sends its request is closed after the timeout."""
+        clock, _, transport = self.server(5)
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_partial_request_closed(self) -> None:
+        """A request whose headers never end is closed after the timeout too."""
+        clock, proto, transport = self.server(5)
+        proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(5.1)
+        self.assertTrue(transport.disconnecting)
