@@ -23,14 +23,17 @@
  * "disconnect" and "rejoin".  See the README section "Browser client".
  *
  * Delivery: the server ignores fields it does not know, so the client may
- * always send them.  It sends `since` when rejoining a room only once it has
- * seen a `seq` number in that room's events (a server with event history,
- * protocol v2), and drops a replayed event whose `seq` it has already seen.
+ * always send them.  Every join carries `since`: 0 the first time (a server
+ * with event history, protocol v2, answers with RESYNC_REQUIRED naming the
+ * room's current seq, which the client keeps and does not pass on), then
+ * the last seq seen, so a rejoin after a reconnection replays exactly what
+ * was missed; a replayed event whose `seq` was already seen is dropped.
  * Every event is sent with `"ack": true`; once the server has answered one
  * with an ACK, send() promises settle on the ACK (or on an ERROR naming the
  * event's operationId), and an event written but not acknowledged when the
- * connection drops is sent again after reconnecting.  Until then (today's
- * server) send() resolves when the event was written to the socket.
+ * connection drops is sent again after reconnecting (the server recognises
+ * the retry and does not deliver it twice).  With a server that sends no
+ * ACKs (v1), send() resolves when the event was written to the socket.
  */
 
 /** The connection states, in the order a connection normally goes through them. */
@@ -399,12 +402,12 @@ export class HappyRobotClient {
   }
 
   _joinMessage(projectId) {
-    const message = { type: "JOIN_PROJECT", projectId };
+    // The first join says since 0: a server with history (v2) answers
+    // RESYNC_REQUIRED with the room's current seq, the point a later
+    // resume continues from even if no event arrives before a disconnect.
+    // (A v1 server ignores the field.)
     const since = this._lastSeq.get(projectId);
-    if (since !== undefined) {
-      message.since = since;
-    }
-    return message;
+    return { type: "JOIN_PROJECT", projectId, since: since ?? 0 };
   }
 
   _write(message) {
@@ -457,9 +460,13 @@ export class HappyRobotClient {
       error.code = message.code;
       item.reject(error);
     } else if (type === "RESYNC_REQUIRED" && Number.isInteger(seq)) {
+      const first = !this._lastSeq.has(projectId);
+      this._lastSeq.set(projectId, seq);
+      if (first) {
+        return; // the answer to the first join's since 0: just the starting point
+      }
       // History does not reach back far enough: the application reloads
       // the room from its back end; live events continue from here.
-      this._lastSeq.set(projectId, seq);
     } else if (Number.isInteger(seq) && this._rooms.has(projectId)) {
       const last = this._lastSeq.get(projectId);
       if (last !== undefined && seq <= last) {
