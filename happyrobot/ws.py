@@ -484,7 +484,11 @@ class CollabFactory(WebSocketServerFactory):
             autoPingTimeout=config.ping_timeout_seconds,
             maxMessagePayloadSize=config.max_message_bytes,
             maxFramePayloadSize=config.max_message_bytes,
-            openHandshakeTimeout=config.handshake_timeout_seconds,
+            # Behind WebSocketResource the opening handshake completes inside
+            # the HTTP request's render, so Autobahn's own timer for it would
+            # never fire; HANDSHAKE_TIMEOUT is enforced by the HTTP site
+            # (web.make_site), and one timer per connection is saved.
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
             # Tell a misbehaving client why (1007, 1009, ...) instead of
             # dropping the TCP connection silently.
