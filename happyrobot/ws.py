@@ -16,9 +16,8 @@ from typing import Any, Mapping
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
-
+from twisted.python.failure import Failure
 
 from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus, Replay
