@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -98,11 +99,7 @@ class ServerTestCase(TestCase):
         return self.factory
 
     async def _stop(self) -> None:
-        for c in self._clients:
-            if c.state != WebSocketClientProtocol.STATE_CLOSED:
-                c.dropConnection(abort=True)
-        for c in self._clients:
-            await c.closed
+        await drop_clients(self._clients)
         await self.factory.when_empty()
         await self.port.stopListening()
         await self.factory.http_pool.closeCachedConnections()
@@ -174,6 +171,15 @@ class ServerTestCase(TestCase):
         return response.code, decoded, response.headers
 
 
+async def drop_clients(clients: list[Client]) -> None:
+    """Abort every client connection still open and wait until all are closed."""
+    for c in clients:
+        if c.state != WebSocketClientProtocol.STATE_CLOSED:
+            c.dropConnection(abort=True)
+    for c in clients:
+        await c.closed
+
+
 def cancel_txaio_buckets() -> None:
     """
     Autobahn schedules its handshake timeouts through txaio's batched timer,
@@ -227,6 +233,24 @@ class LineCollector(ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         self.signal = getattr(reason.value, "signal", None)
         self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+async def listening_twistd(
+    test: TestCase, args: list[str], env: dict[str, str] | None = None
+) -> tuple[LineCollector, Any, int]:
+    """
+    A ``twistd happyrobot-ws`` child on a free loopback port, killed in
+    cleanup; fires once it listens, with its output collector, its process
+    transport and the port it bound.
+    """
+    proc, transport = spawn_twistd(
+        ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", *args], env
+    )
+    test.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+    output = await proc.wait_for(b"starting on ")
+    match = re.search(rb"starting on (\d+)", output)
+    assert match is not None
+    return proc, transport, int(match.group(1))
 
 
 def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> tuple[LineCollector, Any]:
@@ -327,11 +351,7 @@ class Node:
         if self.stopped:
             return
         self.stopped = True
-        for c in self._clients:
-            if c.state != WebSocketClientProtocol.STATE_CLOSED:
-                c.dropConnection(abort=True)
-        for c in self._clients:
-            await c.closed
+        await drop_clients(self._clients)
         await self.factory.when_empty()
         stopped = self.port.stopListening()  # None if a test stopped it already
         if stopped is not None:

@@ -5,14 +5,13 @@ over loopback, then stopped with SIGTERM.
 
 from __future__ import annotations
 
-import re
 import signal
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from tests.helpers import ORIGIN, Client, ServerTestCase, spawn_twistd
+from tests.helpers import ORIGIN, Client, ServerTestCase, listening_twistd, spawn_twistd
 
 
 class TwistdProcessTests(ServerTestCase):
@@ -22,12 +21,7 @@ class TwistdProcessTests(ServerTestCase):
 
     async def test_serve_then_sigterm_closes_1001_and_exits(self) -> None:
         """The process serves WebSockets and HTTP, and on SIGTERM closes with 1001 and exits."""
-        proc, transport = spawn_twistd(["--port", "tcp:0:interface=127.0.0.1", "--env-file="])
-        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
-        output = await proc.wait_for(b"starting on ")
-        match = re.search(rb"starting on (\d+)", output)
-        assert match is not None
-        self.port_number = int(match.group(1))
+        proc, transport, self.port_number = await listening_twistd(self, [])
         code, body, _ = await self.http("GET", "/health")
         self.assertEqual((code, body["status"]), (200, "healthy"))
 

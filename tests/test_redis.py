@@ -7,7 +7,6 @@ and stopped by the helpers; no fake Redis).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -40,7 +39,14 @@ from happyrobot.framing import text_frame
 from happyrobot.rooms import RoomRegistry
 from happyrobot.tap import DrainService, Options, build_factory, makeService
 from happyrobot.web import make_site
-from tests.helpers import ORIGIN, Client, Node, RedisServer, RedisTestCase, spawn_twistd
+from tests.helpers import (
+    ORIGIN,
+    Client,
+    Node,
+    RedisServer,
+    RedisTestCase,
+    listening_twistd,
+)
 
 #: Events are seen by the tests past any USER_PRESENCE.
 _SKIPPED = {"USER_PRESENCE"}
@@ -482,17 +488,11 @@ class CrashTests(RedisTestCase):
         """The members of a SIGKILLed instance leave presence within the heartbeat bound."""
         redis = await self.start_redis()
         a = await self.start_node(redis, instance_ttl_seconds=1.0)
-        proc, transport = spawn_twistd(
-            ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", "--redis-url", redis.url,
-             "--instance-ttl", "1"]
-        )
-        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
-        output = await proc.wait_for(b"starting on ")
-        match = re.search(rb"starting on (\d+)", output)
-        assert match is not None
+        proc, transport, far_port = await listening_twistd(
+            self, ["--redis-url", redis.url, "--instance-ttl", "1"])
         await proc.wait_for(b"Redis link up")
         far = Node(a.factory, a.port)  # reuse the client helpers against the process
-        far.port_number = int(match.group(1))
+        far.port_number = far_port
         a1 = await a.join("p1", "user_a1")
         p1 = await far.join("p1", "user_far")
         await presence_of(a1, {"user_a1", "user_far"})
@@ -1097,17 +1097,11 @@ class ResumeOverWebSocketTests(RedisTestCase):
         """A client of a SIGKILLed twistd instance resumes on another instance without loss."""
         redis = await self.start_redis()
         a = await self.start_node(redis, instance_ttl_seconds=1.0)
-        proc, transport = spawn_twistd(
-            ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", "--redis-url", redis.url,
-             "--instance-ttl", "1"]
-        )
-        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
-        output = await proc.wait_for(b"starting on ")
-        match = re.search(rb"starting on (\d+)", output)
-        assert match is not None
+        proc, transport, far_port = await listening_twistd(
+            self, ["--redis-url", redis.url, "--instance-ttl", "1"])
         await proc.wait_for(b"Redis link up")
         far = Node(a.factory, a.port)  # the client helpers, against the process
-        far.port_number = int(match.group(1))
+        far.port_number = far_port
         writer, victim = self.track("writer"), self.track("victim")
         w = await self.client(a, writer)
         v = await open_tracked(far.port_number, victim)
