@@ -401,3 +401,40 @@ class ProjectAuthorizationTests(ServerTestCase):
         a.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_a"})
         self.assertEqual((await a.next_of("ERROR"))["code"], "AUTH_UNAVAILABLE")
         self.assertNotIn("p1", self.factory.registry)
+
+
+class JwksOverHttpTests(ServerTestCase):
+    """JWKS_URL fetched over HTTP (treq) from a real server on loopback."""
+
+    async def test_token_verified_with_fetched_keys(self) -> None:
+        """A token signed by a key of the JWKS document is accepted; the document is fetched once."""
+        from happyrobot.tap import _verifier
+
+        fetched: list[int] = []
+
+        class Jwks(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                fetched.append(1)
+                request.setHeader(b"content-type", b"application/json")
+                return jwks(("k1", _KEY))
+
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(Jwks()))
+        self.addCleanup(port.stopListening)
+        self.start_server()
+        config = self.factory.config.__class__(
+            **{**self.factory.config.__dict__,
+               "jwks_url": f"http://127.0.0.1:{port.getHost().port}/jwks"})
+        # The verifier the wiring builds for this configuration, with its treq fetch.
+        self.factory.verifier = _verifier(config, reactor, self.factory.http_pool)
+        for user in ("user_1", "user_2"):
+            c = await self.connect()
+            c.send_json({"type": "SET_USER", "payload": {"token": token(user, kid="k1")}})
+            c.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+            msg = await c.next_of("USER_PRESENCE")
+            self.assertIn(user, [u["userId"] for u in msg["payload"]["activeUsers"]])
+        self.assertEqual(len(fetched), 1)
+        bad = await self.connect()
+        bad.send_json({"type": "SET_USER", "payload": {"token": token(kid="k1", key=_OTHER_KEY)}})
+        self.assertEqual((await bad.next_of("ERROR"))["code"], "UNAUTHORIZED")

@@ -375,3 +375,35 @@ class BroadcastDeliveryTests(ServerTestCase):
             self.assertEqual(msg["userId"], "user_a")
             self.assertEqual(msg["payload"], {"id": "p1"})
             self.assertTrue(msg["operationId"].startswith("broadcast-"))
+
+
+class LoggingTests(ServerTestCase):
+    """What the server logs at info: lifecycle with ids only, nothing per message."""
+
+    async def test_info_logs_ids_only(self) -> None:
+        """Connect and disconnect are logged with the client id; payloads, names and
+        per-message lines never appear at info."""
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        self.start_server()
+        with capturedLogs() as captured:
+            a = await self.joined("p1", "user_a", firstName="Secret", lastName="Person",
+                                  email="secret@example.com")
+            b = await self.joined("p1", "user_b")
+            for i in range(20):
+                a.send_json({"type": "TASK_UPDATE", "projectId": "p1",
+                             "payload": {"title": "confidential-title"}})
+            for _ in range(20):
+                await b.next_of("TASK_UPDATE")
+            a.sendClose(1000)
+            await a.closed
+            await self.round_trip(b)
+        ours = [e for e in captured if e.get("log_namespace", "").startswith("happyrobot")
+                and e["log_level"] >= LogLevel.info]
+        texts = [formatEvent(e) for e in ours]
+        self.assertTrue(any(a.client_id in t and "connected" in t for t in texts), texts)
+        self.assertTrue(any(a.client_id in t and "disconnected" in t for t in texts), texts)
+        self.assertLessEqual(len(texts), 6)  # lifecycle only, not one per message
+        for t in texts:
+            for secret in ("confidential-title", "Secret", "secret@example.com", "user_a"):
+                self.assertNotIn(secret, t)
