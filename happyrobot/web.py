@@ -24,7 +24,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from happyrobot import logs, messages, security
-from happyrobot.framing import text_frame
 from happyrobot.ws import CollabFactory, EchoFactory
 
 log = logs.get_logger(__name__)

@@ -172,7 +172,7 @@ class LivenessTests(SynchronousTestCase):
         """A peer that does not answer pings is dropped after interval + timeout."""
         pair = InMemoryPair(self, Config(ping_interval_seconds=30, ping_timeout_seconds=10,
                                          presence_window_seconds=0))
-        factory, client, pump, clock = pair.factory, pair.client, pair.pump, pair.clock
+        factory, client, clock = pair.factory, pair.client, pair.clock
         self.assertEqual(len(factory.connections), 1)
         client.sendMessage(b'{"type":"JOIN_PROJECT","projectId":"p1","userId":"u1"}')
         pair.flush()
