@@ -491,6 +491,96 @@ class _RedisClientFactory(Factory):
         log.error("Redis refused this server: {why}", why=why)
 
 
+class _Incomplete(Exception):
+    """The buffer ends inside a reply; C{need} is how long it must at least be."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
+
+
+def _parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
+    """
+    One RESP2 reply of C{buf} from C{pos}, as txredisapi's own parser gives
+    it with C{charset=None} and C{convertNumbers=False} (a status as str,
+    an error as C{ResponseError}, an integer as int, a bulk string as bytes
+    or None, an array as a list or None), and where the next one starts.
+
+    @raise _Incomplete: when C{buf} ends before the reply does.
+    @raise ValueError: when C{buf} is not RESP.
+    """
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete(len(buf) + 1)
+    kind = buf[pos]
+    if kind == 36:  # $ bulk string
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        start = end + 2
+        stop = start + n
+        if len(buf) < stop + 2:
+            raise _Incomplete(stop + 2)
+        return buf[start:stop], stop + 2
+    if kind == 42:  # * array
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        items = []
+        pos = end + 2
+        for _ in range(n):
+            item, pos = _parse_reply(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 58:  # : integer
+        return int(buf[pos + 1:end]), end + 2
+    if kind == 43:  # + status
+        return buf[pos + 1:end].decode(), end + 2
+    if kind == 45:  # - error
+        from txredisapi import ResponseError
+
+        text = buf[pos + 1:end].decode(errors="replace")
+        return ResponseError(text), end + 2
+    raise ValueError(f"not a Redis reply: {buf[pos:pos + 1]!r}")
+
+
+class _WholeReadParser:
+    """
+    Replaces txredisapi's pure-Python reply parser on the subscriber
+    connection.  That parser hands the rest of a read to C{callLater(0)}
+    after every bulk string, so each published message (three of them)
+    was handled on a reactor turn of its own, and each event was written
+    to every recipient with a C{send()} of its own.  This one handles
+    every complete reply of a read in the same call, so a burst of events
+    that arrived together is written together (one C{send()} per recipient
+    per turn, as with the embedded engine).
+    """
+
+    _rest = b""
+    #: The length the buffer must reach before the last incomplete reply
+    #: can be complete (so a large message is not parsed again per chunk).
+    _need = 0
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        buf = self._rest + data if self._rest else data
+        if len(buf) < self._need:
+            self._rest = buf
+            return
+        pos, size = 0, len(buf)
+        reply_received = self.replyReceived  # type: ignore[attr-defined]
+        self._rest, self._need = b"", 0
+        while pos < size:
+            try:
+                reply, pos = _parse_reply(buf, pos)
+            except _Incomplete as incomplete:
+                self._rest, self._need = buf[pos:], incomplete.need - pos
+                return
+            except (ValueError, IndexError):
+                log.error("Redis sent something that is not a reply; reconnecting")
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+                return
+            reply_received(reply)
+
+
 @functools.cache
 def _protocol_classes() -> tuple[type, type]:
     """txredisapi's command and subscriber protocols, hooked to report to the bus."""
@@ -516,7 +606,7 @@ def _protocol_classes() -> tuple[type, type]:
             super().connectionLost(why)
             self.factory.lost(self)
 
-    class SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    class SubscriberProtocol(_WholeReadParser, txredisapi.SubscriberProtocol):  # type: ignore[misc]
         def connectionMade(self) -> Deferred[Any]:
             return ready_when_connected(self, super().connectionMade())
 
