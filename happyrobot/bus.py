@@ -21,7 +21,9 @@ Redis names (see also the README):
     (may be empty) \\n body}.  Kind C{E} is an event: its seq and its JSON
     (with ``seq``), framed by each receiving instance once for all its
     members; kind C{P} (no seq, empty body) says the room's presence
-    changed.
+    changed; kind C{B} (a batch) carries several consecutive events of
+    the room in its body, each as C{sender \n seq \n length \n JSON}
+    (see L{unpack_batch}), its seq field the first one's.
   - string ``happyrobot:seq:<projectId>``: the room's last seq.  Made,
     when missing, as the Redis time in milliseconds minus one, so numbers
     given out after a data loss are higher than any before it (the epoch
@@ -46,8 +48,9 @@ Redis names (see also the README):
   - set ``happyrobot:instances``: instance ids, for ``/stats``.
 
 Numbering, storing and publishing an event is one Lua script
-(L{APPEND_SCRIPT}), so the channel carries every room's events in seq
-order; reading the history is another (L{READ_SCRIPT}).  Both keys of a
+(L{APPEND_SCRIPT}; the events of one room appended during one incoming
+read, or one reactor turn, go through L{BATCH_SCRIPT} together, as one
+C{B} message), so the channel carries every room's events in seq order; reading the history is another (L{READ_SCRIPT}).  Both keys of a
 room are named in C{KEYS}; they are not hash-tagged, so this is for a
 single Redis (or one with replicas), not Redis Cluster.
 """
@@ -93,6 +96,8 @@ INSTANCES_KEY = b"happyrobot:instances"
 #: Envelope kinds: an event, a presence change.
 EVENT = b"E"
 PRESENCE = b"P"
+#: Envelope kind: several events of one room, numbered consecutively.
+BATCH = b"B"
 #: How long clean-up commands may take when the service stops.
 GOODBYE_TIMEOUT_SECONDS = 2.0
 #: First and longest wait between reconnection attempts (exponential backoff).
@@ -137,6 +142,12 @@ class Bus(Protocol):
         delivers nothing.
         """
 
+    def flush(self) -> None:
+        """
+        Send the appends made so far (the end of an incoming read); they are
+        also sent on the next reactor turn without it.
+        """
+
     def replay(self, project_id: str, since: int) -> Deferred[Replay]:
         """
         The room's events after C{since}.  The caller has joined the room
@@ -168,6 +179,9 @@ class LocalBus:
         if data is not None:
             self._registry.deliver(project_id, text_frame(data), exclude, seq)
         return succeed(seq)
+
+    def flush(self) -> None:
+        """Nothing waits: L{append} delivers at once."""
 
     def replay(self, project_id: str, since: int) -> Deferred[Replay]:
         now = self._clock.seconds()
@@ -268,6 +282,36 @@ def unpack_envelope(data: bytes) -> tuple[bytes, bytes, str | None, int | None, 
     return kind, instance_id, sender.decode("ascii") or None, int(seq) if seq else None, body
 
 
+def unpack_batch(body: bytes) -> list[tuple[str | None, int, bytes]]:
+    """
+    The events of a C{B} envelope's body, in order: (sender client id or
+    None, seq, JSON with ``seq``).
+
+    @raise ValueError: when C{body} is not a batch.
+    """
+    events = []
+    pos, size = 0, len(body)
+    while pos < size:
+        a = body.index(b"\n", pos)
+        b = body.index(b"\n", a + 1)
+        c = body.index(b"\n", b + 1)
+        end = c + 1 + int(body[b + 1:c])
+        if end > size:
+            raise ValueError("truncated batch")
+        events.append((body[pos:a].decode("ascii") or None, int(body[a + 1:b]), body[c + 1:end]))
+        pos = end
+    return events
+
+
+def pack_batch(instance_id: bytes, events: list[tuple[str | None, int, bytes]]) -> bytes:
+    """A C{B} envelope as L{BATCH_SCRIPT} publishes it (for tests)."""
+    body = b"".join(
+        b"%s\n%d\n%d\n%s" % ((sender or "").encode("ascii"), seq, len(data), data)
+        for sender, seq, data in events
+    )
+    return envelope_head(BATCH, instance_id, None) + b"%d" % events[0][1] + b"\n" + body
+
+
 class Unavailable(ProtocolError):
     """
     Redis cannot be reached: the event was not numbered (so it was sent to
@@ -358,6 +402,63 @@ redis.call('PUBLISH', ARGV[2], ARGV[3] .. s .. '\n' .. data)
 return {seq, 0}
 """
 
+#: Number, store and publish several events of one room, consecutively,
+#: as one C{B} envelope (events that are retries of kept ones are left
+#: out and answered with their original seq, as in L{APPEND_SCRIPT}).
+#: KEYS: seq key, history stream, op keys.  ARGV: channel, envelope head
+#: (kind B, no sender), history size, history TTL in ms, event count, then
+#: four per event: its JSON (without seq), sender tag (or ''), sender
+#: client id (or ''), index of its op key in KEYS (0 for none).  Returns
+#: {seq, retry (1 or 0)} per event, flattened.
+BATCH_SCRIPT = _LUA_COMMON + r"""
+local now = now_ms()
+local ttl = tonumber(ARGV[4])
+trim_age(KEYS[2], now - ttl)
+local seq = current_seq(KEYS[1], KEYS[2], now, ttl)
+local first = seq + 1
+local t = num(now)
+local reply = {}
+local parts = {}
+for i = 0, tonumber(ARGV[5]) - 1 do
+  local at = 6 + i * 4
+  local tag = ARGV[at + 1]
+  local k = tonumber(ARGV[at + 3])
+  local dup = nil
+  if k > 0 then
+    local seen = redis.call('GET', KEYS[k])
+    if seen then
+      -- Kept while its event is in the history (whose front only moves
+      -- forward within a script: trimmed by age above, by count below).
+      local front = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+      if #front > 0 and tonumber(seen) >= id_seq(front[1][1]) then dup = tonumber(seen) end
+    end
+  end
+  if dup then
+    reply[#reply + 1] = dup
+    reply[#reply + 1] = 1
+  else
+    seq = seq + 1
+    local s = num(seq)
+    local data = string.sub(ARGV[at], 1, -2) .. ',"seq":' .. s .. '}'
+    if tag ~= '' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], s .. '-0', 't', t, 'e', data, 's', tag)
+    else
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], s .. '-0', 't', t, 'e', data)
+    end
+    if k > 0 then redis.call('SET', KEYS[k], s, 'PX', ttl) end
+    parts[#parts + 1] = ARGV[at + 2] .. '\n' .. s .. '\n' .. num(#data) .. '\n' .. data
+    reply[#reply + 1] = seq
+    reply[#reply + 1] = 0
+  end
+end
+if #parts > 0 then
+  redis.call('SET', KEYS[1], num(seq), 'PX', ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PUBLISH', ARGV[1], ARGV[2] .. num(first) .. '\n' .. table.concat(parts))
+end
+return reply
+"""
+
 #: Read a room's events after a seq.
 #: KEYS: seq key, history stream.  ARGV: since ('' for the seq alone),
 #: history size, history TTL in ms.  Returns {seq, 0} when the history
@@ -395,6 +496,7 @@ class _Script:
 
 
 _APPEND = _Script(APPEND_SCRIPT)
+_BATCH = _Script(BATCH_SCRIPT)
 _READ = _Script(READ_SCRIPT)
 
 
@@ -635,7 +737,10 @@ class RedisBus(Service):
     Ordering: every instance, the sender's included, delivers events from
     its subscription, never directly.  L{append} runs one Lua script that
     numbers the event (the room's seq key), stores it in the room's stream
-    and PUBLISHes it; Redis runs scripts one at a time and sends each
+    and PUBLISHes it (the appends of one room waiting for L{flush}, at the
+    end of an incoming read or of the reactor turn, are numbered
+    consecutively by one script call and published as one C{B} envelope,
+    whose events receivers take one by one as if they had come singly); Redis runs scripts one at a time and sends each
     channel's messages to every subscriber in that order, so every
     instance receives a room's events in seq order.  The sending
     connection is skipped by comparing the envelope's (instance id,
@@ -722,6 +827,10 @@ class RedisBus(Service):
         self._heartbeat: LoopingCall | None = None
         #: When the seq keys of our rooms were last kept from expiring.
         self._seq_refreshed_at = 0.0
+        #: Appends waiting for L{flush}, per room in order: (event, exclude,
+        #: op key, the Deferred given to the caller).
+        self._pending: dict[str, list[tuple[bytes, str | None, OpKey | None, Deferred[int]]]] = {}
+        self._flush_call: Any = None
 
     # ------------------------------------------------------------ Bus
 
@@ -753,6 +862,40 @@ class RedisBus(Service):
             return fail(ValueError("an event is a serialised JSON object"))
         if self._commands is None:
             return fail(Unavailable("The event could not be stored; try again"))
+        d: Deferred[int] = Deferred()
+        pending = self._pending.get(project_id)
+        if pending is None:
+            pending = self._pending[project_id] = []
+        pending.append((event, exclude, op_key, d))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+        return d
+
+    def flush(self) -> None:
+        """
+        Send the appends made since the last flush: per room, one script
+        call that numbers them consecutively and publishes them as one
+        envelope (a single event as a plain C{E} envelope, which instances
+        of earlier versions understand too).  Called at the end of every
+        incoming WebSocket read, and otherwise on the next reactor turn.
+        """
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for project_id, appends in pending.items():
+            if len(appends) == 1:
+                event, exclude, op_key, d = appends[0]
+                self._append_one(project_id, event, exclude, op_key).chainDeferred(d)
+            else:
+                self._append_batch(project_id, appends)
+
+    def _append_one(
+        self, project_id: str, event: bytes, exclude: str | None, op_key: OpKey | None
+    ) -> Deferred[int]:
         keys = [seq_key(project_id), history_key(project_id)]
         if op_key is not None:
             keys.append(op_key_name(project_id, op_key))
@@ -767,6 +910,39 @@ class RedisBus(Service):
 
         return d.addCallbacks(appended, self._unavailable, errbackArgs=(
             "The event could not be stored; try again",))
+
+    def _append_batch(
+        self,
+        project_id: str,
+        appends: list[tuple[bytes, str | None, OpKey | None, Deferred[int]]],
+    ) -> None:
+        keys = [seq_key(project_id), history_key(project_id)]
+        args: list[Any] = [
+            channel_name(project_id), envelope_head(BATCH, self._instance, None),
+            self.history_size, self._history_ttl_ms(), len(appends),
+        ]
+        op_index: dict[bytes, int] = {}
+        for event, exclude, op_key, _ in appends:
+            index = 0
+            if op_key is not None:
+                name = op_key_name(project_id, op_key)
+                index = op_index.get(name, 0)
+                if not index:
+                    keys.append(name)
+                    index = op_index[name] = len(keys)
+            sender = exclude.encode("ascii") if exclude else b""
+            args += [event, self._instance + b"\n" + sender if sender else b"", sender, index]
+
+        def appended(reply: list[Any]) -> None:
+            for i, (_, _, _, d) in enumerate(appends):
+                d.callback(int(reply[2 * i]))
+
+        def failed(failure: Failure) -> None:
+            failure = self._unavailable(failure, "The event could not be stored; try again")
+            for _, _, _, d in appends:
+                d.errback(failure)
+
+        self._eval(_BATCH, keys, args).addCallbacks(appended, failed)
 
     def replay(self, project_id: str, since: int) -> Deferred[Replay]:
         """
@@ -1039,7 +1215,7 @@ class RedisBus(Service):
     def _commands_ready(self, proto: Any) -> None:
         self._commands = proto
         # Before any EVALSHA on this connection (Redis may have restarted empty).
-        for script in (_APPEND, _READ):
+        for script in (_APPEND, _BATCH, _READ):
             self._load(script)
         self._link_changed()
         for project_id in list(self._channels):
@@ -1426,5 +1602,14 @@ class RedisBus(Service):
         if kind == EVENT and seq is not None:
             exclude = sender if instance == self._instance else None
             self._receive(project_id, room, seq, body, exclude)
+        elif kind == BATCH:
+            try:
+                events = unpack_batch(body)
+            except (ValueError, UnicodeDecodeError):
+                log.warn("ignored a malformed batch on a Redis channel")
+                return
+            ours = instance == self._instance
+            for sender, seq, json in events:
+                self._receive(project_id, room, seq, json, sender if ours else None)
         elif kind == PRESENCE:
             self._refresh(project_id)

@@ -191,6 +191,8 @@ class CollabProtocol(WebSocketServerProtocol):
         # recipient) is written now rather than on the next reactor turn:
         # still one send() per recipient per read, and no added latency.
         super().dataReceived(data)
+        # The events this read appended go to Redis as one batch per room.
+        self.factory.bus.flush()
         self.factory.flusher.flush_all()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -31,7 +31,9 @@ from happyrobot.bus import (
     envelope_head,
     merge_presence,
     merge_stats,
+    pack_batch,
     pack_envelope,
+    unpack_batch,
     unpack_envelope,
     _parse_reply,
     _protocol_classes,
@@ -93,6 +95,19 @@ class EnvelopeTests(SynchronousTestCase):
         """Bytes that are not an envelope raise ValueError."""
         self.assertRaises(ValueError, unpack_envelope, b"E\nonly")
         self.assertRaises(ValueError, unpack_envelope, b"E\ni\nc\nnot-a-number\n{}")
+
+    def test_batch_round_trip(self) -> None:
+        """A batch body gives back each event's sender, seq and JSON, any bytes included."""
+        events = [("c1", 7, b'{"a":"x\n3\n","seq":7}'), (None, 8, b"{}\x00\xff"), ("c2", 9, b"")]
+        kind, instance, sender, seq, body = unpack_envelope(pack_batch(b"i", events))
+        self.assertEqual((kind, instance, sender, seq), (b"B", b"i", None, 7))
+        self.assertEqual(unpack_batch(body), events)
+
+    def test_batch_malformed(self) -> None:
+        """A truncated or garbled batch raises ValueError."""
+        self.assertRaises(ValueError, unpack_batch, b"c1\n7\n10\n{}")
+        self.assertRaises(ValueError, unpack_batch, b"c1\n7\n")
+        self.assertRaises(ValueError, unpack_batch, b"c1\nx\n2\n{}")
 
     def test_channel_name(self) -> None:
         """Each room has its own channel, binary-safe for any project id."""
@@ -747,6 +762,117 @@ class SequenceTests(BusTestCase):
         await redis.command("SCRIPT", "FLUSH")
         self.assertEqual(await a.bus.append("p1", raw_event("2")), first + 1)
         self.assertEqual((await a.bus.replay("p1", first)).seq, first + 1)
+
+
+class BatchTests(BusTestCase):
+    """Appends of one room in one reactor turn: one script call, one envelope."""
+
+    def count_evals(self, node: BusNode) -> list[bytes]:
+        calls: list[bytes] = []
+        original = node.bus._eval
+
+        def counting(script: Any, keys: Any, args: Any) -> Any:
+            calls.append(script.sha)
+            return original(script, keys, args)
+
+        node.bus._eval = counting  # type: ignore[method-assign]
+        return calls
+
+    async def test_one_turn_one_script_call(self) -> None:
+        """
+        Events appended in one turn are numbered consecutively by one call;
+        each caller gets its own seq, each member gets every event but its
+        own, in order, on both instances; the history holds each with its
+        sender.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        a1, a2, b1 = await a.member("a1"), await a.member("a2"), await b.member("b1")
+        calls = self.count_evals(a)
+        senders = ["a1", None, "a2", "a1", None, "a2"]
+        ds = [a.bus.append("p1", raw_event(f"op-{i}"), s) for i, s in enumerate(senders)]
+        seqs = await gatherResults(ds)
+        self.assertEqual(len(calls), 1)
+        self.assertTrue(contiguous(seqs), seqs)
+        for m in (a1, a2, b1):
+            await m.until(seqs[-1] if m is not a2 else seqs[-2])
+        self.assertEqual(a1.seqs(), [q for q, s in zip(seqs, senders) if s != "a1"])
+        self.assertEqual(a2.seqs(), [q for q, s in zip(seqs, senders) if s != "a2"])
+        self.assertEqual(b1.seqs(), seqs)
+        self.assertEqual([e["operationId"] for e in b1.received], [f"op-{i}" for i in range(6)])
+        stored = await redis.command("XRANGE", "happyrobot:history:p1", "-", "+")
+        self.assertEqual([int(i.split("-")[0]) for i, _ in stored], seqs)
+        self.assertEqual(int(await redis.command("GET", "happyrobot:seq:p1")), seqs[-1])
+        # A resume on the other instance sees the batch as single events, sender skipped.
+        late = await b.resume("b2", seqs[0] - 1)
+        await late.until(seqs[-1])
+        self.assertEqual(late.seqs(), seqs)
+
+    async def test_retries_within_and_across_batches(self) -> None:
+        """
+        A retry of an event in the history, or of one earlier in the same
+        batch, gets the original seq and is not delivered again.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        watcher = await b.member("b1")
+        first = await a.bus.append("p1", raw_event("op-0"), "a9", ("u", "op-0"))
+        ds = [
+            a.bus.append("p1", raw_event("op-1"), "a9", ("u", "op-1")),
+            a.bus.append("p1", raw_event("op-0"), "a9", ("u", "op-0")),  # in the history
+            a.bus.append("p1", raw_event("op-1"), "a9", ("u", "op-1")),  # in this batch
+            a.bus.append("p1", raw_event("op-2"), "a9", ("v", "op-1")),  # another user's
+            a.bus.append("p1", raw_event("op-3"), "a9"),
+        ]
+        seqs = await gatherResults(ds)
+        self.assertEqual(seqs, [first + 1, first, first + 1, first + 2, first + 3])
+        await watcher.until(first + 3)
+        self.assertEqual(watcher.seqs(), [first, first + 1, first + 2, first + 3])
+        # Nothing but duplicates: answered, nothing published or numbered.
+        again = await gatherResults([
+            a.bus.append("p1", raw_event("op-1"), "a9", ("u", "op-1")),
+            a.bus.append("p1", raw_event("op-2"), "a9", ("v", "op-1")),
+        ])
+        self.assertEqual(again, [first + 1, first + 2])
+        self.assertEqual(int(await redis.command("GET", "happyrobot:seq:p1")), first + 3)
+
+    async def test_lost_batch_read_from_history(self) -> None:
+        """
+        A batch that never arrived is read from the history when the next
+        batch skips ahead; the next batch waits meanwhile and follows.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis), await self.start_bus(redis)
+        watcher = await b.member("b1")
+        receive = b.bus._receive
+
+        def lossy(project_id: str, channel: Any, seq: int, data: bytes, exclude: Any) -> None:
+            if b'"x-' not in data:  # the first batch is lost on the way to b
+                receive(project_id, channel, seq, data, exclude)
+
+        b.bus._receive = lossy  # type: ignore[method-assign]
+        lost = await gatherResults([a.bus.append("p1", raw_event(f"x-{i}")) for i in range(4)])
+        later = await gatherResults([a.bus.append("p1", raw_event(f"y-{i}")) for i in range(3)])
+        self.assertEqual(later[0], lost[-1] + 1)
+        await watcher.until(later[-1])
+        self.assertEqual(watcher.seqs(), lost + later)
+        self.assertEqual([e["operationId"] for e in watcher.received],
+                         [f"x-{i}" for i in range(4)] + [f"y-{i}" for i in range(3)])
+
+    async def test_batch_refused_while_redis_down(self) -> None:
+        """Appends of one turn all fail with UNAVAILABLE when the link is lost before the flush."""
+        redis = await self.start_redis()
+        a = await self.start_bus(redis)
+        m1 = await a.member("a1")
+        ds = [a.bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
+        a.bus._flush_call.cancel()  # the flush comes after the link is lost
+        await redis.stop()
+        await a.bus.when(lambda: not a.bus.healthy)
+        a.bus.flush()
+        for d in ds:
+            f = await self.assertFailure(d, Unavailable)
+            self.assertEqual(f.code, "UNAVAILABLE")
+        self.assertEqual(m1.received, [])
 
 
 class ReplayTests(BusTestCase):
