@@ -10,35 +10,10 @@
 // checks that every event reaches the other page once and in order.  The
 // last line is "RESULT <json>".  Every wait is bounded.
 
-import readline from "node:readline";
 import { chromium } from "playwright-core";
+import { LAUNCH_ARGS, WAIT_MS, closeInput, need } from "./common.mjs";
 
 const config = JSON.parse(process.argv[2]);
-const WAIT_MS = 20000;
-const LAUNCH_ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-];
-
-const stdin = readline.createInterface({ input: process.stdin });
-const answers = [];
-const waiting = [];
-stdin.on("line", (line) => (waiting.length ? waiting.shift()(line) : answers.push(line)));
-
-/** Ask the trial test to do something, and wait for its "<what>-done". */
-async function need(what) {
-  console.log(JSON.stringify({ need: what }));
-  let timer;
-  const line = answers.length
-    ? answers.shift()
-    : await Promise.race([
-        new Promise((resolve) => waiting.push(resolve)),
-        new Promise((_, reject) => {
-          timer = setTimeout(() => reject(new Error(`no answer to ${what}`)), WAIT_MS);
-        }),
-      ]).finally(() => clearTimeout(timer));
-  if (line !== `${what}-done`) throw new Error(`asked for ${what}, got ${line}`);
-}
 
 const started = Date.now();
 
@@ -140,5 +115,5 @@ try {
   if (browser) await browser.close().catch(() => {});
   console.log("RESULT " + JSON.stringify(result));
   process.exitCode = result.ok ? 0 : 1;
-  stdin.close();
+  closeInput();
 }
