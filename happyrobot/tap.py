@@ -267,7 +267,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         workers.ReusePortService(reactor, config.port, make_site(factory)).setServiceParent(
             service
         )
-        if not workers.is_child():
+        if workers.is_child():
+            workers.ParentWatch(reactor).setServiceParent(service)
+        else:
             pool = workers.WorkerPool(reactor, config.workers, workers.child_argv())
             pool.setServiceParent(service)
     else:

@@ -21,6 +21,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from happyrobot import logs
@@ -30,6 +31,7 @@ log = logs.get_logger(__name__)
 #: Set in a child worker's environment (its index), so it does not spawn more.
 WORKER_ENV = "HAPPYROBOT_WORKER"
 RESTART_DELAY_SECONDS = 1.0
+PARENT_CHECK_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 15.0
 
 
@@ -149,6 +151,39 @@ def _kill(transport: Any) -> None:
         transport.signalProcess(signal.SIGKILL)
     except Exception:
         pass
+
+
+class ParentWatch(Service):
+    """
+    In a child worker: stop this process when worker 0 is gone (even
+    killed with SIGKILL, which gives it no chance to stop us), so that no
+    orphan keeps serving the port.  Checked once a second.
+    """
+
+    def __init__(self, reactor: Any, parent_pid: int | None = None,
+                 interval: float = PARENT_CHECK_SECONDS) -> None:
+        self._reactor = reactor
+        self._parent = os.getppid() if parent_pid is None else parent_pid
+        self._interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        if os.getppid() != self._parent:
+            log.error("worker 0 (pid {pid}) is gone; stopping", pid=self._parent)
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+            self._reactor.stop()
 
 
 def child_argv(argv: list[str] | None = None) -> list[str]:

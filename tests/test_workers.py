@@ -73,6 +73,24 @@ class WorkerOptionTests(SynchronousTestCase):
         self.assertIn("-n", argv)
 
 
+class ParentWatchTests(SynchronousTestCase):
+    """A child worker stops when worker 0 is gone."""
+
+    def test_stops_when_parent_changes(self) -> None:
+        """Once the parent pid is no longer ours the reactor is stopped; not before."""
+        import os
+
+        reactor = MemoryReactorClock()
+        watch = workers.ParentWatch(reactor, parent_pid=os.getppid())
+        watch.startService()
+        reactor.advance(5)
+        self.assertFalse(reactor.hasStopped)
+        watch._parent = -1  # as if we had been re-parented after a SIGKILL
+        reactor.advance(1)
+        self.assertTrue(reactor.hasStopped)
+        watch.stopService()
+
+
 class WorkerProcessTests(RedisTestCase):
     """Two worker processes on one port."""
 
