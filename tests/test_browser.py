@@ -38,6 +38,18 @@ PLAYWRIGHT = os.path.join(BROWSER_DIR, "node_modules", "playwright-core", "packa
 PROJECT = "p-browser"
 
 
+
+def driver_result(test: Any, driver: Any) -> dict[str, Any]:
+    """A finished driver's ``RESULT <json>`` line, failing the test if it is missing or not ok."""
+    text = driver.output.decode("utf-8", "replace")
+    found = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
+    if found is None:
+        test.fail("the driver printed no RESULT line. Output:\n" + text[-4000:])
+    result: dict[str, Any] = json.loads(found.group(1))
+    if not result["ok"]:
+        test.fail(f"the driver failed: {result.get('error')}\nOutput:\n{text[-4000:]}")
+    return result
+
 class _TrackingFactory(WrappingFactory):
     """
     Wraps the test page's site and remembers its connections, so that
@@ -218,13 +230,7 @@ class BrowserClientTests(TestCase):
         driver_transport.write(b"start-done\n")
 
         await driver.ended
-        text = driver.output.decode("utf-8", "replace")
-        found = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
-        if found is None:
-            self.fail("the driver printed no RESULT line. Output:\n" + text[-4000:])
-        result = json.loads(found.group(1))
-        if not result["ok"]:
-            self.fail(f"the driver failed: {result.get('error')}\nOutput:\n{text[-4000:]}")
+        result = driver_result(self, driver)
 
         a, b = result["A"], result["B"]
         self.assertTrue(result["createClientIsExported"])

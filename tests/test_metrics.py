@@ -461,13 +461,7 @@ class DashboardBrowserTests(ServerTestCase):
 
         await driver.ended
         sender.stop()
-        text = driver.output.decode("utf-8", "replace")
-        found = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
-        if found is None:
-            self.fail("the driver printed no RESULT line. Output:\n" + text[-4000:])
-        result = json.loads(found.group(1))
-        if not result["ok"]:
-            self.fail(f"the driver failed: {result.get('error')}\nOutput:\n{text[-4000:]}")
+        result = test_browser.driver_result(self, driver)
         before, after = result["before"], result["after"]
         self.assertEqual((before["connections"], before["rooms"]), ("0", "0"))
         self.assertEqual((after["connections"], after["rooms"]), ("3", "2"))
