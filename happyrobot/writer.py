@@ -38,6 +38,12 @@ class TurnFlusher:
     many recipients.
     """
 
+    #: True while a read that holds one lone event is handled: connections
+    #: then write at once (and count it in C{written}) instead of queueing.
+    direct = False
+    #: Frames written at once this turn, counted into the next flush's total.
+    written = 0
+
     def __init__(
         self, clock: IReactorTime, on_turn: Callable[[int, list[float]], None] | None = None
     ) -> None:
@@ -63,7 +69,7 @@ class TurnFlusher:
         scheduled for it: an extra reactor turn per event would cost more
         than the measurement is worth.  Passes C{result} on.
         """
-        if self._call is not None:
+        if self._call is not None or self.written:
             self._received.append(received_at)
         return result
 
@@ -76,10 +82,10 @@ class TurnFlusher:
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
-        if not self._dirty and not self._received:
+        if not self._dirty and not self._received and not self.written:
             return
         dirty, self._dirty = self._dirty, []
-        frames = 0
+        frames, self.written = self.written, 0
         for conn in dirty:
             frames += conn.flush()
         received = self._received

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus, Replay
 from happyrobot.config import Config
-from happyrobot.framing import binary_frame, text_frame
+from happyrobot.framing import binary_frame, split_text_frames, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.writer import SocketWriter, TurnFlusher
@@ -138,7 +138,15 @@ class CollabProtocol(WebSocketServerProtocol):
         if out is None:
             return  # not open yet, or closed
         if not out:
-            self.factory.flusher.mark(self)
+            flusher = self.factory.flusher
+            if flusher.direct:
+                # A lone event is being handled: write now (each recipient
+                # gets it one send() sooner than after queueing them all).
+                if self.state == WebSocketServerProtocol.STATE_OPEN:
+                    flusher.written += 1
+                    self._writer.write(frame)  # type: ignore[union-attr]
+                return
+            flusher.mark(self)
         out.append(frame)
 
     def flush(self) -> int:
@@ -187,13 +195,56 @@ class CollabProtocol(WebSocketServerProtocol):
         self._close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
 
     def dataReceived(self, data: bytes) -> None:
+        if (
+            self.state == WebSocketServerProtocol.STATE_OPEN
+            and not self.data  # Autobahn holds no part of a frame or message
+            and self.current_frame is None
+            and not self.inside_message
+        ):
+            data = self._text_frames(data)
+        if data:
+            super().dataReceived(data)
         # Everything this read produced (one event or a burst, for every
         # recipient) is written now rather than on the next reactor turn:
         # still one send() per recipient per read, and no added latency.
-        super().dataReceived(data)
         # The events this read appended go to Redis as one batch per room.
         self.factory.bus.flush()
         self.factory.flusher.flush_all()
+
+    def _text_frames(self, data: bytes) -> bytes:
+        """
+        Handle the whole text frames at the start of C{data} here, as
+        Autobahn would; return what is left for Autobahn (other kinds of
+        frame, a partial frame, or everything after the connection started
+        closing).
+        """
+        frames, used = split_text_frames(data, self.maxFramePayloadSize)
+        if not frames:
+            return data
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()  # traffic counts as a pong
+        flusher = self.factory.flusher
+        # A read that is one event (the usual case below saturation) is
+        # written to each recipient as it is handed over; a burst is queued
+        # and written once per recipient at the end of the read.
+        lone = len(frames) == 1 and used == len(data)
+        start = 0
+        for payload, end in frames:
+            if self.state != WebSocketServerProtocol.STATE_OPEN:
+                return data[start:]  # closing: Autobahn reads the rest
+            start = end
+            if self.utf8validateIncoming:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._invalid_payload("invalid UTF-8 in text message")
+                    continue  # Autobahn waits for the close reply
+            flusher.direct = lone
+            try:
+                self.onMessage(payload, False)
+            finally:
+                flusher.direct = False
+        return data[used:]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._out is None:

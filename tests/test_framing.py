@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot.framing import binary_frame, text_frame
+from happyrobot.framing import binary_frame, split_text_frames, text_frame, unmask
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,106 @@ class BinaryFrameTests(SynchronousTestCase):
     def test_not_utf8(self) -> None:
         """Bytes that are not UTF-8 are carried unchanged."""
         self.assertEqual(binary_frame(b"\xff\x00\xfe"), b"\x82\x03\xff\x00\xfe")
+
+
+def client_frame(
+    payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0,
+    mask: bytes | None = b"\x0f\xa0\x55\x3c", length_code: int | None = None,
+) -> bytes:
+    """A client frame as RFC 6455 spells it (masked unless C{mask} is None)."""
+    n = len(payload)
+    if length_code is None:
+        length_code = n if n < 126 else (126 if n < 0x10000 else 127)
+    head = bytes(((0x80 if fin else 0) | (rsv << 4) | opcode,
+                  (0x80 if mask is not None else 0) | length_code))
+    if length_code == 126:
+        head += struct.pack("!H", n)
+    elif length_code == 127:
+        head += struct.pack("!Q", n)
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class UnmaskTests(SynchronousTestCase):
+    """L{unmask} is the XOR of section 5.3, for every length and offset."""
+
+    @given(st.binary(max_size=300), st.binary(min_size=4, max_size=4))
+    def test_matches_the_rfc_loop(self, payload: bytes, mask: bytes) -> None:
+        """Byte i is XORed with mask[i % 4]; unmasking twice gives the payload back."""
+        expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.assertEqual(unmask(payload, mask), expected)
+        self.assertEqual(unmask(expected, mask), payload)
+
+
+class SplitTextFramesTests(SynchronousTestCase):
+    """
+    L{split_text_frames} takes exactly the whole, final, masked text frames
+    off the front of a read and leaves everything else for Autobahn.
+    """
+
+    def test_one_frame(self) -> None:
+        """One whole frame: its payload unmasked and the offset past it."""
+        data = client_frame(b'{"type":"X"}')
+        self.assertEqual(split_text_frames(data, 65536), ([(b'{"type":"X"}', len(data))], len(data)))
+
+    def test_several_frames_then_the_rest(self) -> None:
+        """Frames come off in order; a ping after them and what follows stay."""
+        a, b = client_frame(b"a" * 125), client_frame(b"b" * 126)
+        ping = client_frame(b"", opcode=9)
+        frames, used = split_text_frames(a + b + ping + a, 65536)
+        self.assertEqual(frames, [(b"a" * 125, len(a)), (b"b" * 126, len(a + b))])
+        self.assertEqual(used, len(a + b))
+
+    def test_empty_payload(self) -> None:
+        """An empty text frame is six bytes and is taken."""
+        self.assertEqual(split_text_frames(client_frame(b""), 10), ([(b"", 6)], 6))
+
+    def test_left_for_autobahn(self) -> None:
+        """Every frame that is not the plain case is left where it is."""
+        cases = {
+            "unmasked": client_frame(b"x", mask=None),
+            "not final": client_frame(b"x", fin=False),
+            "continuation": client_frame(b"x", opcode=0),
+            "binary": client_frame(b"x", opcode=2),
+            "close": client_frame(b"\x03\xe8", opcode=8),
+            "pong": client_frame(b"", opcode=10),
+            "reserved bit": client_frame(b"x", rsv=4),
+            "non-minimal length": client_frame(b"x" * 10, length_code=126),
+            "64-bit length": client_frame(b"x" * 70000),
+            "over the limit": client_frame(b"x" * 101),
+        }
+        for name, data in cases.items():
+            self.assertEqual(split_text_frames(data, 100), ([], 0), name)
+
+    def test_limit_is_inclusive_and_zero_means_none(self) -> None:
+        """A payload of exactly the limit passes; limit 0 takes up to 64 KiB - 1."""
+        data = client_frame(b"x" * 100)
+        self.assertEqual(split_text_frames(data, 100)[1], len(data))
+        big = client_frame(b"x" * 65535)
+        self.assertEqual(split_text_frames(big, 0)[1], len(big))
+
+    @given(
+        st.lists(
+            st.tuples(st.binary(max_size=300), st.sampled_from(["text", "ping", "binary"])),
+            max_size=6,
+        ),
+        st.integers(min_value=0, max_value=2000),
+    )
+    @settings(max_examples=300)
+    def test_any_read(self, specs: list[tuple[bytes, str]], cut: int) -> None:
+        """
+        For any sequence of frames cut off anywhere, the result is the whole
+        text frames before the first other or incomplete frame, and the
+        offset is where that frame starts.
+        """
+        opcodes = {"text": 1, "ping": 9, "binary": 2}
+        encoded = [client_frame(p[:125] if k == "ping" else p, opcode=opcodes[k]) for p, k in specs]
+        data = b"".join(encoded)[:cut]
+        expected, offset = [], 0
+        for (payload, kind), frame in zip(specs, encoded):
+            if kind != "text" or offset + len(frame) > len(data):
+                break
+            offset += len(frame)
+            expected.append((payload, offset))
+        self.assertEqual(split_text_frames(data, 1000), (expected, offset))

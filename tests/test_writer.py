@@ -173,3 +173,21 @@ class TurnFlusherTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         flusher.flush_all()  # nothing marked: nothing to do
         self.assertEqual(flushed, [1])
+
+    def test_direct_writes_are_counted_and_timed(self) -> None:
+        """
+        Frames a connection wrote at once (C{written}) are added to the
+        turn's total, and the event that produced them is timed, though
+        nothing was queued.
+        """
+        clock = Clock()
+        turns: list[tuple[int, list[float]]] = []
+        flusher = TurnFlusher(clock, lambda frames, received: turns.append((frames, received)))
+        flusher.written += 3
+        self.assertEqual(flusher.time_event("result", 1.5), "result")
+        flusher.flush_all()
+        self.assertEqual(turns, [(3, [1.5])])
+        self.assertEqual(flusher.written, 0)
+        flusher.time_event(None, 2.0)  # nothing written or queued: not timed
+        flusher.flush_all()
+        self.assertEqual(turns, [(3, [1.5])])

@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.helpers import ORIGIN, Client, ServerTestCase
+from tests.test_framing import client_frame
 
 
 class ConnectionTests(ServerTestCase):
@@ -351,6 +352,93 @@ class ErrorTests(ServerTestCase):
         a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"after": 1}})
         msg = await b.next_of("TASK_UPDATE")
         self.assertEqual(msg["payload"], {"after": 1})
+
+
+def _event(project_id: str, i: int) -> bytes:
+    return json.dumps({"type": "TASK_UPDATE", "projectId": project_id, "payload": {"i": i}}).encode()
+
+
+class ReadTests(ServerTestCase):
+    """
+    Whole text frames are taken off a read before Autobahn sees the rest;
+    whatever is in one read, every frame is handled as Autobahn would.
+    """
+
+    async def test_mixed_read(self) -> None:
+        """Events, a ping and a fragmented message in one read: all handled, in order."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        pongs: list[bytes] = []
+        a.onPong = pongs.append  # type: ignore[method-assign]
+        fragmented = _event("p1", 2)
+        a.transport.write(
+            client_frame(_event("p1", 0))
+            + client_frame(_event("p1", 1))
+            + client_frame(b"hi", opcode=9)
+            + client_frame(fragmented[:10], fin=False)
+            + client_frame(fragmented[10:], opcode=0)
+            + client_frame(_event("p1", 3))
+        )
+        got = [(await b.next_of("TASK_UPDATE"))["payload"]["i"] for _ in range(4)]
+        self.assertEqual(got, [0, 1, 2, 3])
+        await self.round_trip(a)
+        self.assertEqual(pongs, [b"hi"])
+
+    async def test_frame_split_across_reads(self) -> None:
+        """A frame cut by the end of a read is put together by Autobahn from the next."""
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        data = client_frame(_event("p1", 0)) + client_frame(_event("p1", 1))
+        a.transport.write(data[:-5])
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["payload"]["i"], 0)
+        a.transport.write(data[-5:])
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["payload"]["i"], 1)
+
+    async def test_invalid_utf8_mid_read(self) -> None:
+        """
+        A frame that is not UTF-8 between two events: the event before it
+        is delivered, the connection closes with 1007 and the one after it
+        is not delivered.
+        """
+        self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        a.transport.write(
+            client_frame(_event("p1", 0)) + client_frame(b"\xff{}") + client_frame(_event("p1", 1))
+        )
+        self.assertEqual(await a.closed, 1007)
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["payload"]["i"], 0)
+        self.assertEqual([m for m in await self.round_trip(b) if m["type"] == "TASK_UPDATE"], [])
+
+    async def test_lone_event_is_written_during_its_read(self) -> None:
+        """
+        A read holding one event writes it to each recipient as it is handed
+        over (nothing is queued for the end of the read), and the frames
+        are still counted; a burst in one read is queued and written once
+        per recipient.
+        """
+        factory = self.start_server()
+        a = await self.joined("p1", "user_a")
+        b = await self.joined("p1", "user_b")
+        c = await self.joined("p1", "user_c")
+        await self.round_trip(a)
+        marked: list[object] = []
+        mark = factory.flusher.mark
+        factory.flusher.mark = lambda conn: (marked.append(conn), mark(conn))  # type: ignore[method-assign]
+        before = factory.metrics.frames_out
+        a.transport.write(client_frame(_event("p1", 0)))
+        for client in (b, c):
+            self.assertEqual((await client.next_of("TASK_UPDATE"))["payload"]["i"], 0)
+        self.assertEqual(marked, [])
+        self.assertEqual(factory.metrics.frames_out - before, 2)
+        a.transport.write(client_frame(_event("p1", 1)) + client_frame(_event("p1", 2)))
+        for client in (b, c):
+            self.assertEqual((await client.next_of("TASK_UPDATE"))["payload"]["i"], 1)
+            self.assertEqual((await client.next_of("TASK_UPDATE"))["payload"]["i"], 2)
+        self.assertEqual(len(marked), 2)  # b and c, once each
+        self.assertEqual(factory.metrics.frames_out - before, 6)
 
 
 class BroadcastDeliveryTests(ServerTestCase):
