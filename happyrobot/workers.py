@@ -189,12 +189,20 @@ class ParentWatch(Service):
 def child_argv(argv: list[str] | None = None) -> list[str]:
     """
     How to start another worker: twistd in the foreground with no pidfile
-    (the parent owns those), and the plugin's options as they were given.
+    (the parent owns those), the parent's C{--logger}, and the plugin's
+    options as they were given.
     """
     argv = sys.argv if argv is None else argv
-    plugin_args = argv[argv.index("happyrobot-ws") + 1:] if "happyrobot-ws" in argv else []
+    split = argv.index("happyrobot-ws") if "happyrobot-ws" in argv else len(argv)
+    twistd_args, plugin_args = argv[:split], argv[split + 1:]
+    logger: list[str] = []
+    for i, arg in enumerate(twistd_args):
+        if arg == "--logger" and i + 1 < len(twistd_args):
+            logger = [arg, twistd_args[i + 1]]
+        elif arg.startswith("--logger="):
+            logger = [arg]
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "happyrobot-ws", *plugin_args]
+            "-n", "--pidfile=", *logger, "happyrobot-ws", *plugin_args]
 
 
 def is_child() -> bool:

@@ -236,7 +236,8 @@ class LineCollector(ProcessProtocol):
 
 
 async def listening_twistd(
-    test: TestCase, args: list[str], env: dict[str, str] | None = None
+    test: TestCase, args: list[str], env: dict[str, str] | None = None,
+    twistd_args: tuple[str, ...] = (),
 ) -> tuple[LineCollector, Any, int]:
     """
     A ``twistd happyrobot-ws`` child on a free loopback port, killed in
@@ -244,7 +245,7 @@ async def listening_twistd(
     transport and the port it bound.
     """
     proc, transport = spawn_twistd(
-        ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", *args], env
+        ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", *args], env, twistd_args
     )
     test.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
     output = await proc.wait_for(b"starting on ")
@@ -253,8 +254,10 @@ async def listening_twistd(
     return proc, transport, int(match.group(1))
 
 
-def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> tuple[LineCollector, Any]:
-    """Start ``twistd -n --pidfile= happyrobot-ws ARGS`` from the checkout."""
+def spawn_twistd(
+    args: list[str], env: dict[str, str] | None = None, twistd_args: tuple[str, ...] = ()
+) -> tuple[LineCollector, Any]:
+    """Start ``twistd -n --pidfile= TWISTD_ARGS happyrobot-ws ARGS`` from the checkout."""
     proto = LineCollector()
     child_env = {
         "PATH": os.environ.get("PATH", ""),
@@ -263,7 +266,7 @@ def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> tuple[Li
     }
     child_env.update(env or {})
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "happyrobot-ws", *args]
+            "-n", "--pidfile=", *twistd_args, "happyrobot-ws", *args]
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=REPO_ROOT)
     return proto, transport
 

@@ -46,6 +46,31 @@ class TwistdProcessTests(ServerTestCase):
         self.assertIn(b"Main loop terminated", proc.output)
         self.assertNotIn(b"Traceback", proc.output)
 
+    async def test_line_observer(self) -> None:
+        """
+        With ``--logger happyrobot.logs.observer`` the process logs the same
+        lines: start-up, a connection's two lines, and the whole shutdown.
+        """
+        proc, transport, self.port_number = await listening_twistd(
+            self, [], twistd_args=("--logger", "happyrobot.logs.observer")
+        )
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port_number}/ws", origin=ORIGIN)
+        factory.protocol = Client
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number)
+        client: Client = await endpoint.connect(factory)
+        hello = await client.next()
+        client.sendClose(1000)
+        await client.closed
+        await proc.wait_for(b"disconnected (1000)")
+        transport.signalProcess("TERM")
+        await proc.ended
+        lines = proc.output.decode().splitlines()
+        connected = f"[happyrobot.ws#info] {hello['clientId']} connected"
+        self.assertTrue(any(line.endswith(connected) for line in lines), lines)
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[happyrobot\.tap#info\] ")
+        self.assertIn("Main loop terminated.", lines[-2])
+        self.assertIn("Server Shut Down.", lines[-1])
+
     async def test_bad_port_exits_with_one_line(self) -> None:
         """PORT=abc stops start-up with one line naming PORT and no traceback."""
         proc, _ = spawn_twistd(["--env-file="], env={"PORT": "abc"})

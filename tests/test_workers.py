@@ -71,6 +71,18 @@ class WorkerOptionTests(SynchronousTestCase):
         self.assertEqual(argv[-6:], ["--pidfile=", "happyrobot-ws", "--port", "tcp:1",
                                      "--workers", "2"])
         self.assertIn("-n", argv)
+        self.assertNotIn("--logger", argv)
+
+    def test_child_argv_keeps_the_logger(self) -> None:
+        """The parent's --logger (either spelling) is the child's too."""
+        for given, kept in ((["--logger", "happyrobot.logs.observer"],
+                             ["--logger", "happyrobot.logs.observer"]),
+                            (["--logger=happyrobot.logs.observer"],
+                             ["--logger=happyrobot.logs.observer"])):
+            argv = workers.child_argv(["twistd", "-n", *given, "happyrobot-ws", "--workers", "2"])
+            self.assertEqual(argv[-3:], ["happyrobot-ws", "--workers", "2"])
+            self.assertEqual(argv[argv.index("happyrobot-ws") - len(kept):argv.index("happyrobot-ws")],
+                             kept)
 
 
 class ParentWatchTests(SynchronousTestCase):

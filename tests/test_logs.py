@@ -1,0 +1,100 @@
+"""
+Tests for L{happyrobot.logs.LineObserver}: the same lines as twistd's own
+text observer, written once per reactor turn.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, formatTime
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot.logs import LineObserver
+
+
+class _Out(io.StringIO):
+    """A text file that counts its flushes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+class _Reactor(Clock):
+    running = True
+
+
+class LineObserverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.out = _Out()
+        self.reactor = _Reactor()
+        self.observer = LineObserver(self.out, self.reactor)
+        self.log = Logger(namespace="happyrobot.ws", observer=self.observer)
+
+    def test_same_lines_as_twistd(self) -> None:
+        """Each line is what twistd's text observer writes for the event."""
+        events: list[dict] = []
+        log = Logger(namespace="happyrobot.ws",
+                     observer=lambda e: (events.append(e), self.observer(e)))
+        log.info("{client_id} connected", client_id="client_1_ab")
+        log.warn("two\nlines")
+        log.info("{n!r} {n:>5} {d[k]} {f()}", n=7, d={"k": "v"}, f=lambda: "called")
+        log.info("{missing}")
+        log.emit(LogLevel.error, None, log_system="sys")  # no text: no line
+        log.info("{x}", x=b"raw", log_system=42)
+        log.failure("failed {what}", Failure(KeyError("k")), what="here")
+        self.reactor.advance(0)
+        twistd = "".join(
+            formatEventAsClassicLogText(e, lambda t: formatTime(t)) or "" for e in events
+        )
+        self.assertEqual(self.out.getvalue(), twistd)
+        self.assertIn("[happyrobot.ws#info] client_1_ab connected\n", twistd)
+        self.assertIn("#warn] two\n\tlines\n", twistd)
+        self.assertIn("#info] 7     7 v called\n", twistd)
+        self.assertIn("[42] b'raw'\n", twistd)
+        self.assertIn("failed here\n\tTraceback", twistd)
+        self.assertIn("Unable to format event", twistd)  # "{missing}", as Twisted says it
+        # One line per event but the one without text.
+        self.assertEqual(len([t for t in twistd.splitlines() if not t.startswith("\t")]), 6)
+
+    def test_one_write_per_turn(self) -> None:
+        """Lines of one turn wait for its end and go out in one flush."""
+        for i in range(5):
+            self.log.info("line {i}", i=i)
+        self.assertEqual(self.out.getvalue(), "")
+        self.reactor.advance(0)
+        self.assertEqual(self.out.getvalue().count("\n"), 5)
+        self.assertEqual(self.out.flushes, 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_errors_and_stopped_reactor_write_at_once(self) -> None:
+        """An error, or anything while the reactor is not running, is not held back."""
+        self.log.info("held")
+        self.log.failure("it broke", Failure(ValueError("boom")))
+        text = self.out.getvalue()
+        self.assertIn("held", text)
+        self.assertIn("ValueError: boom", text)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.running = False
+        self.log.info("stopping")
+        self.assertIn("stopping", self.out.getvalue())
+
+    def test_time_stamp_follows_the_clock(self) -> None:
+        """The time stamp, kept per second, changes with the second."""
+        for text, when in (("a", 1000.2), ("b", 1000.9), ("c", 1001.0)):
+            self.observer({"log_format": text, "log_level": LogLevel.info,
+                           "log_namespace": "t", "log_time": when})
+        self.observer.flush()
+        stamps = [line.split(" ")[0] for line in self.out.getvalue().splitlines()]
+        self.assertEqual(stamps, [formatTime(1000), formatTime(1000), formatTime(1001)])
+
+    def test_closed_output_is_not_fatal(self) -> None:
+        """With standard output gone, logging does nothing rather than raise."""
+        self.out.close()
+        self.reactor.running = False
+        self.log.info("nowhere")
