@@ -719,6 +719,10 @@ def _protocol_classes() -> tuple[type, type]:
         def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
             self.factory.message(channel, message)
 
+        def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+            super().dataReceived(data, unpause)
+            self.factory.read_done()
+
     return CommandProtocol, SubscriberProtocol
 
 
@@ -808,6 +812,9 @@ class RedisBus(Service):
         self.reconnect_max_delay = reconnect_max_delay
         #: How many WebSockets this instance has open (set by the wiring).
         self.connection_count: Callable[[], int] = lambda: 0
+        #: Called after each read of the subscription has been handled
+        #: (the wiring writes what it delivered at once, not next turn).
+        self.on_read_done: Callable[[], None] = lambda: None
         self._started_at_ms = int(reactor.seconds() * 1000)
         self._services: list[ClientService] = []
         #: The usable connections, None while (re)connecting.
@@ -1162,6 +1169,7 @@ class RedisBus(Service):
             subscriber_class, self._address, False, self._subscriber_ready, self._subscriber_lost
         )
         subscriber.message = self._message  # type: ignore[attr-defined]
+        subscriber.read_done = lambda: self.on_read_done()  # type: ignore[attr-defined]
         for factory in (commands, subscriber):
             endpoint = HostnameEndpoint(self._reactor, self._address.host, self._address.port)
             service = ClientService(

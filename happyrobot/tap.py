@@ -166,6 +166,7 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     registry.on_deliver = factory.metrics.fanout
     if isinstance(bus, RedisBus):
         bus.connection_count = lambda: len(factory.connections)
+        bus.on_read_done = lambda: factory.flusher.flush_all()
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
     factory.http_pool = HTTPConnectionPool(reactor)

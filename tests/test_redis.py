@@ -40,6 +40,7 @@ from happyrobot.bus import (
 )
 from happyrobot.config import Config, ConfigError, RedisAddress, load_config, redis_address
 from happyrobot.framing import text_frame
+from happyrobot.writer import TurnFlusher
 from happyrobot.rooms import RoomRegistry
 from happyrobot.tap import DrainService, Options, build_factory, makeService
 from happyrobot.web import make_site
@@ -314,6 +315,23 @@ class FanOutTests(RedisTestCase):
         a2.send_json(event("op-3"))
         for c in (a1, b1):
             self.assertEqual((await next_event(c))["operationId"], "op-3")
+
+    async def test_delivery_is_written_at_the_end_of_the_read(self) -> None:
+        """
+        What one read of the subscription delivers is written before the
+        reactor turn ends: with a flusher whose own end-of-turn call never
+        comes (its clock never moves), events still reach the members.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_node(redis), await self.start_node(redis)
+        a1 = await a.joined("p1", "user_a1")
+        b1 = await b.joined("p1", "user_b1")
+        await a.settled()
+        await b.settled()
+        b.factory.flusher = TurnFlusher(Clock(), b.factory._turn_flushed)
+        for i in range(3):
+            a1.send_json(event(f"op-{i}"))
+            self.assertEqual((await next_event(b1))["operationId"], f"op-{i}")
 
     async def test_room_order_is_the_same_everywhere(self) -> None:
         """Events from senders on two instances arrive in one order at every member."""
