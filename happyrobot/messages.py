@@ -382,11 +382,12 @@ def presence(project_id: str, active_users: list[dict[str, Any]], now_ms: int) -
     )
 
 
-def relayed(event: Relay, now_ms: int) -> bytes:
+def relayed(event: Relay, now_ms: int, client_id: str, user_id: str | None) -> bytes:
     """
     What the other members of the room receive for a relayed client event:
     never a top-level ``userId`` (the front end drops messages carrying its
-    own), so the sender's other tabs still see it.
+    own), so the sender's other tabs still see it; (v2) who sent it is in
+    ``sender`` instead.
     """
     msg: dict[str, Any] = {"type": event.type}
     if event.has_payload:
@@ -395,6 +396,7 @@ def relayed(event: Relay, now_ms: int) -> bytes:
         msg["operationId"] = event.operation_id
     msg["timestamp"] = now_ms
     msg["projectId"] = event.project_id
+    msg["sender"] = {"clientId": client_id, "userId": user_id}
     return orjson.dumps(msg)
 
 

@@ -478,7 +478,7 @@ class CollabProtocol(WebSocketServerProtocol):
                 msg.operation_id,
             )
         received = self.factory.clock.seconds()
-        event = messages.relayed(msg, int(received * 1000))
+        event = messages.relayed(msg, int(received * 1000), self.client_id, self.user_id)
         project_id, op = msg.project_id, msg.operation_id
         if not msg.ack:
             d = self.factory.bus.append(project_id, event, self.client_id)

@@ -260,7 +260,7 @@ class ParseEnvelopeTests(SynchronousTestCase):
         data = b'{"type":"TASK_UPDATE","projectId":"p1","payload":' + _nested(MAX_DEPTH - 1) + b"}"
         msg = messages.parse(data)
         assert isinstance(msg, Relay)
-        payload = json.loads(messages.relayed(msg, NOW_MS))["payload"]
+        payload = json.loads(messages.relayed(msg, NOW_MS, "client_1", "user_a"))["payload"]
         for _ in range(MAX_DEPTH - 1):
             payload = payload["a"]
         self.assertEqual(payload, 1)
@@ -671,7 +671,7 @@ class ParseRelayTests(SynchronousTestCase):
             self.assertIn(e.code, PARSE_ERROR_CODES)
             return
         assert isinstance(msg, Relay)
-        frame = json.loads(messages.relayed(msg, NOW_MS))
+        frame = json.loads(messages.relayed(msg, NOW_MS, "client_1", "user_a"))
         self.assertEqual(frame["type"], "TASK_UPDATE")
 
 
@@ -1010,16 +1010,17 @@ class OutgoingTests(SynchronousTestCase):
         self.assertEqual(payload, {"projectId": "p1", "activeUsers": [], "userCount": 0})
 
     def test_relayed(self) -> None:
-        """A relayed event carries type, payload, operationId, timestamp and projectId."""
+        """A relayed event carries type, payload, operationId, timestamp, projectId and sender."""
         event = Relay("TASK_UPDATE", "p1", {"id": "t1", "title": "New"}, "op-789", True)
         self.assertEqual(
-            json.loads(messages.relayed(event, NOW_MS)),
+            json.loads(messages.relayed(event, NOW_MS, "client_1", "user_a")),
             {
                 "type": "TASK_UPDATE",
                 "payload": {"id": "t1", "title": "New"},
                 "operationId": "op-789",
                 "timestamp": NOW_MS,
                 "projectId": "p1",
+                "sender": {"clientId": "client_1", "userId": "user_a"},
             },
         )
 
@@ -1027,14 +1028,15 @@ class OutgoingTests(SynchronousTestCase):
         """A relayed event omits payload and operationId when the client sent none."""
         event = Relay("TASK_DELETE", "p1", None, None, False)
         self.assertEqual(
-            json.loads(messages.relayed(event, NOW_MS)),
-            {"type": "TASK_DELETE", "timestamp": NOW_MS, "projectId": "p1"},
+            json.loads(messages.relayed(event, NOW_MS, "client_1", "user_a")),
+            {"type": "TASK_DELETE", "timestamp": NOW_MS, "projectId": "p1",
+             "sender": {"clientId": "client_1", "userId": "user_a"}},
         )
 
     def test_relayed_null_payload(self) -> None:
         """A null payload the client sent is relayed as null."""
         event = Relay("TASK_DELETE", "p1", None, None, True)
-        frame = json.loads(messages.relayed(event, NOW_MS))
+        frame = json.loads(messages.relayed(event, NOW_MS, "client_1", "user_a"))
         self.assertIn("payload", frame)
         self.assertIsNone(frame["payload"])
 
@@ -1051,7 +1053,7 @@ class OutgoingTests(SynchronousTestCase):
             )
         )
         assert isinstance(msg, Relay)
-        frame = json.loads(messages.relayed(msg, NOW_MS))
+        frame = json.loads(messages.relayed(msg, NOW_MS, "client_1", "user_a"))
         self.assertNotIn("userId", frame)
         self.assertEqual(frame["payload"], {"userId": "user_2x"})
 
@@ -1138,7 +1140,7 @@ class ParsePropertyTests(SynchronousTestCase):
                     and len(msg.operation_id) <= MAX_OPERATION_ID_CHARS
                 )
             )
-            self.assertNotIn("userId", json.loads(messages.relayed(msg, NOW_MS)))
+            self.assertNotIn("userId", json.loads(messages.relayed(msg, NOW_MS, "client_1", "user_a")))
         users = [msg] if isinstance(msg, SetUser) else []
         if isinstance(msg, JoinProject) and msg.user is not None:
             users.append(msg.user)

@@ -313,7 +313,9 @@ class FanOutTests(RedisTestCase):
         await b.settled()
         a1.send_json(event("op-1"))
         for c in (a2, b1):
-            self.assertEqual((await next_event(c))["operationId"], "op-1")
+            msg = await next_event(c)
+            self.assertEqual(msg["operationId"], "op-1")
+            self.assertEqual(msg["sender"], {"clientId": a1.client_id, "userId": "user_a1"})
         # Markers in Redis order: anything duplicated or echoed would come first.
         b1.send_json(event("op-2"))
         for c in (a1, a2):

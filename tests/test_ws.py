@@ -197,6 +197,9 @@ class RelayTests(ServerTestCase):
             self.assertEqual(msg["projectId"], "p1")
             self.assertIsInstance(msg["timestamp"], int)
             self.assertNotIn("userId", msg)
+            # (v2) who sent it, by connection and user, nested so that the
+            # front end's "skip my own userId" rule does not apply.
+            self.assertEqual(msg["sender"], {"clientId": a.client_id, "userId": "user_a"})
         before = await self.round_trip(a)
         self.assertNotIn("TASK_UPDATE", [m["type"] for m in before])
 
