@@ -13,11 +13,13 @@ import types
 from collections import deque
 from typing import Any, Mapping
 
+import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 
 from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus, Replay
@@ -89,6 +91,20 @@ class CollabProtocol(WebSocketServerProtocol):
         return verifier.verify(token, self.factory.clock.seconds()).addCallbacks(
             verified, refused
         )
+
+    def sendHttpErrorResponse(
+        self, code: int, reason: str, responseHeaders: list[tuple[str, Any]] | None = None
+    ) -> None:
+        # A refused handshake (401 bad token, 426 no upgrade, 400 a broken
+        # one) answers in JSON like every other error of the site; Autobahn
+        # would send its reason as the status line and no body.
+        body = orjson.dumps({"error": reason})
+        head = [f"HTTP/1.1 {code} {RESPONSES.get(code, b'Error').decode('ascii')}",
+                "Content-Type: application/json",
+                f"Content-Length: {len(body)}",
+                "Connection: close"]
+        head += [f"{name}: {value}" for name, value in responseHeaders or ()]
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
 
     def onOpen(self) -> None:
         try:

@@ -277,6 +277,15 @@ class IdentityTests(ServerTestCase):
         await self.assertFailure(bad.opened, ConnectionError)
         await bad.closed
         self.assertEqual(self.factory.limiter.total, 2)  # the refused one is not counted
+        # What a caller that is not a browser sees: 401 with a JSON reason.
+        code, body, headers = await self.http(
+            "GET", "/ws?token=garbage",
+            headers={"upgrade": "websocket", "connection": "Upgrade",
+                     "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                     "sec-websocket-version": "13"},
+        )
+        self.assertEqual((code, body), (401, {"error": "Invalid session token"}))
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
 
     async def test_messages_wait_for_verification(self) -> None:
         """Frames sent right after SET_USER are handled after it, in order."""

@@ -180,8 +180,10 @@ class CorsAndRoutingTests(ServerTestCase):
     async def test_plain_get_on_ws(self) -> None:
         """A GET on /ws without the WebSocket upgrade is refused, not crashed on."""
         self.start_server()
-        code, _, _ = await self.http("GET", "/ws")
+        code, body, headers = await self.http("GET", "/ws")
         self.assertEqual(code, 426)
+        self.assertIn("upgrade", body["error"].lower())
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
 
 
 def _client_js_in_repository() -> bytes:
