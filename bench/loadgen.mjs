@@ -29,6 +29,7 @@ import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
+import zlib from 'node:zlib';
 import WebSocket from 'ws';
 
 const require = createRequire(import.meta.url);
@@ -47,6 +48,8 @@ common
   --client lean|ws          receiving clients: lean = small built-in RFC 6455 client
                             (default), ws = the ws package
   --pub-client lean|ws      publishing clients (default ws)
+  --deflate                 clients offer permessage-deflate (lean clients ask for
+                            server_no_context_takeover and inflate each message)
   --label TEXT              copied into the result
   --verbose                 progress on stderr
   --time-limit S            hard limit for the whole process (default: computed)
@@ -89,7 +92,8 @@ try {
       'label', 'time-limit', 'rooms', 'subs', 'pubs', 'mode', 'inflight', 'rate', 'size',
       'max-events', 'drain', 'quiet-ms', 'connections', 'hold', 'concurrency', 'max-handshakes',
       'clients', 'storms', 'storm-timeout',
-    ].map((k) => [k, { type: 'string' }]).concat([['verbose', { type: 'boolean' }], ['help', { type: 'boolean' }]])),
+    ].map((k) => [k, { type: 'string' }]).concat([['verbose', { type: 'boolean' }], ['help', { type: 'boolean' }],
+      ['deflate', { type: 'boolean' }]])),
   });
 } catch (e) {
   process.stderr.write(`loadgen: ${e.message}\n\n${USAGE}`);
@@ -120,6 +124,7 @@ const O = {
   pubClient: A['pub-client'] || 'ws',
   label: A.label || '',
   verbose: !!A.verbose,
+  deflate: !!A.deflate,
   rooms: A.rooms === undefined ? null : numOpt('rooms', 1, 1),
   subs: numOpt('subs', 200, 1),
   pubs: numOpt('pubs', 1, 1),
@@ -272,6 +277,8 @@ class LatencyHistogram {
 // available).  It does what the benchmark needs: text, binary and continuation
 // frames, ping -> pong, the close handshake.
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+const DEFLATE_TAIL = Buffer.from([0x00, 0x00, 0xff, 0xff]); // RFC 7692 7.2.2
+const INFLATE_OPTS = { finishFlush: zlib.constants.Z_SYNC_FLUSH };
 const SHARED_READ = Buffer.allocUnsafe(1 << 18);
 let readAtUs = 0; // time of the read being parsed: one clock reading per read
 const ST_CONNECTING = 0, ST_OPEN = 1, ST_CLOSING = 2, ST_CLOSED = 3;
@@ -291,7 +298,9 @@ class LeanClient {
     });
     this.sock.on('connect', () => {
       this.sock.write(`GET ${targetPath} HTTP/1.1\r\nHost: ${target.host}\r\nUpgrade: websocket\r\n` +
-        `Connection: Upgrade\r\nSec-WebSocket-Key: ${this.key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+        `Connection: Upgrade\r\nSec-WebSocket-Key: ${this.key}\r\nSec-WebSocket-Version: 13\r\n` +
+        (O.deflate ? 'Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n' : '') +
+        '\r\n');
     });
     this.sock.on('error', (e) => { this.closeReason = this.closeReason || `socket: ${e.code || e.message}`; });
     this.sock.on('close', () => {
@@ -319,6 +328,13 @@ class LeanClient {
       const accept = /\r\nsec-websocket-accept:[ \t]*(\S+)/i.exec(head);
       const want = crypto.createHash('sha1').update(this.key + GUID).digest('base64');
       if (!accept || accept[1] !== want) { this.abort('bad Sec-WebSocket-Accept'); return; }
+      const ext = /\r\nsec-websocket-extensions:[ \t]*([^\r]*)/i.exec(head);
+      if (ext && /permessage-deflate/i.test(ext[1])) {
+        // Each message is inflated on its own (inflateRawSync keeps no window between
+        // messages), which is only right when the server promised not to keep one.
+        if (!/server_no_context_takeover/i.test(ext[1])) { this.abort('server keeps deflate context'); return; }
+        this.deflated = true;
+      }
       this.state = ST_OPEN;
       if (this.h.open) this.h.open();
       if (tail.length) this.parse(tail, tail.length);
@@ -346,7 +362,12 @@ class LeanClient {
           if (this.parts === null) this.parts = [];
           this.parts.push(Buffer.from(b.subarray(start, end)));
           if (fin) { const whole = Buffer.concat(this.parts); this.parts = null; this.h.text(whole, 0, whole.length); }
-        } else if (op === 1) this.h.text(b, start, end);
+        } else if (op === 1) {
+          if (b0 & 0x40 && this.deflated) {
+            const whole = zlib.inflateRawSync(Buffer.concat([b.subarray(start, end), DEFLATE_TAIL]), INFLATE_OPTS);
+            this.h.text(whole, 0, whole.length);
+          } else this.h.text(b, start, end);
+        }
       } else if (op === 9) this.frame(10, b.subarray(start, end));
       else if (op === 8) {
         if (this.state === ST_OPEN) this.frame(8, b.subarray(start, Math.min(end, start + 2)));
@@ -391,7 +412,7 @@ class WsClient {
     this.h = handlers;
     this.closeReason = null;
     this.closing = false;
-    this.ws = new WebSocket(O.url, { perMessageDeflate: false, handshakeTimeout: 10000, maxPayload: 64 << 20 });
+    this.ws = new WebSocket(O.url, { perMessageDeflate: O.deflate, handshakeTimeout: 10000, maxPayload: 64 << 20 });
     this.ws.on('open', () => { if (this.h.open) this.h.open(); });
     this.ws.on('message', (data) => { readAtUs = nowUs(); this.h.text(data, 0, data.length); });
     this.ws.on('error', (e) => { this.closeReason = this.closeReason || `ws: ${e.code || e.message}`; });
@@ -860,7 +881,7 @@ const watchdog = setTimeout(() => {
     server_errors: stats.errorsFromServer, first_server_error: stats.firstServerError,
     unexpected_closes: stats.unexpectedCloses, close_reasons: stats.closeReasons, other_msgs: stats.other,
     node: process.version, ws_version: require('ws/package.json').version, bufferutil: !!bufferutil,
-    clients: { receive: O.client, publish: O.pubClient },
+    clients: { receive: O.client, publish: O.pubClient, deflate: O.deflate },
     loadgen_rss_mb: +(process.memoryUsage().rss / 1048576).toFixed(1),
   });
   process.stdout.write(JSON.stringify(result) + '\n');

@@ -66,6 +66,14 @@ PRESETS = {
         "handshakes --concurrency 32 --duration 5 --warmup 1",
         "handshakes --concurrency 32 --duration 5 --warmup 1"),
     "joinstorm-200": ("joinstorm --clients 200 --storms 3", None),
+    # What permessage-deflate costs: clients offering it, events of ~1 kB.
+    # Run one server with PERMESSAGE_DEFLATE=true and one without.
+    "fanout-1x200-deflate": (
+        "fanout --rooms 1 --subs 200 --pubs 1 --mode closed --inflight 32 --duration 10 --warmup 3"
+        " --deflate --size 1024", None),
+    "latency-1x200-deflate": (
+        "fanout --rooms 1 --subs 200 --pubs 1 --mode rate --rate 100 --duration 10 --warmup 3"
+        " --deflate --size 1024", None),
 }
 DEFAULT_SCENARIOS = ["fanout-1x200", "fanout-50x20", "latency-1x200", "connections-5k", "handshakes",
                      "joinstorm-200"]

@@ -103,6 +103,9 @@ SETTINGS = (
             "on SIGTERM, WebSockets are closed with 1001 spread over this many seconds "
             "(reconnects then do not stampede the other instances); keep it below "
             "SHUTDOWN_TIMEOUT"),
+    Setting("PERMESSAGE_DEFLATE", "permessage-deflate", "false",
+            "true accepts clients' permessage-deflate offers: events of 256 bytes or more "
+            "are compressed, once per event (README, Performance)"),
     Setting("CONFORMANCE_ECHO", "conformance-echo", "false",
             "true adds /echo, a WebSocket echoing every message, for the "
             "Autobahn|Testsuite (scripts/conformance); never in production"),
@@ -143,6 +146,7 @@ class Config:
     project_auth_timeout_seconds: float = 3.0
     project_auth_cache_seconds: float = 60.0
     conformance_echo: bool = False
+    permessage_deflate: bool = False
     workers: int = 1
     history_size: int = 1000
     history_ttl_seconds: float = 300.0
@@ -338,6 +342,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "DRAIN_WINDOW_SECONDS": ("drain_window_seconds",
                              lambda v: _number("DRAIN_WINDOW_SECONDS", v, 0)),
     "CONFORMANCE_ECHO": ("conformance_echo", lambda v: _bool("CONFORMANCE_ECHO", v)),
+    "PERMESSAGE_DEFLATE": ("permessage_deflate", lambda v: _bool("PERMESSAGE_DEFLATE", v)),
 }
 
 

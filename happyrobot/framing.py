@@ -17,6 +17,7 @@ errors) is left to Autobahn.
 from __future__ import annotations
 
 import struct
+import zlib
 
 _TEXT_FIN = 0x81
 _BINARY_FIN = 0x82
@@ -85,3 +86,50 @@ def split_text_frames(data: bytes, max_payload: int) -> tuple[list[tuple[bytes, 
         frames.append((unmask(data[start + 4 : payload_end], data[start : start + 4]), payload_end))
         i = payload_end
     return frames, i
+
+
+class SharedDeflate:
+    """
+    permessage-deflate (RFC 7692) for frames that go to many connections:
+    each frame is compressed once (per window size a connection negotiated)
+    and the compressed frame is shared by every such connection, as the
+    plain frame is.  Every message is compressed on its own (a full flush
+    resets the compressor after each), which any client can decode, with or
+    without context takeover.  Frames with a payload under C{min_bytes}, or
+    that do not shrink, stay plain (RFC 7692 lets a message go
+    uncompressed).
+    """
+
+    def __init__(self, level: int = 6, min_bytes: int = 256) -> None:
+        self._level = level
+        self._min = min_bytes
+        self._compressors: dict[int, "zlib._Compress"] = {}
+        self._last: bytes | None = None
+        self._done: dict[int, bytes] = {}
+
+    def frame(self, frame: bytes, window_bits: int) -> bytes:
+        """C{frame} (a final text frame from L{text_frame}) for a connection with C{window_bits}."""
+        if frame is not self._last:
+            self._last, self._done = frame, {}
+        out = self._done.get(window_bits)
+        if out is None:
+            out = self._done[window_bits] = self._deflate(frame, window_bits)
+        return out
+
+    def _deflate(self, frame: bytes, window_bits: int) -> bytes:
+        if frame[0] != _TEXT_FIN:
+            return frame
+        code = frame[1] & 0x7F
+        payload = frame[2 if code < 126 else 4 if code == 126 else 10:]
+        if len(payload) < self._min:
+            return frame
+        c = self._compressors.get(window_bits)
+        if c is None:
+            c = self._compressors[window_bits] = zlib.compressobj(
+                self._level, zlib.DEFLATED, -window_bits
+            )
+        data = c.compress(payload) + c.flush(zlib.Z_FULL_FLUSH)
+        data = data[:-4]  # the 00 00 ff ff every flush ends with (RFC 7692 7.2.1)
+        if len(data) >= len(payload):
+            return frame
+        return _frame(_TEXT_FIN | 0x40, data)  # RSV1: compressed

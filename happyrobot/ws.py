@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -24,7 +25,7 @@ from twisted.web.http import RESPONSES
 from happyrobot import auth, logs, messages, security
 from happyrobot.bus import Bus, Replay
 from happyrobot.config import Config
-from happyrobot.framing import binary_frame, split_text_frames, text_frame
+from happyrobot.framing import SharedDeflate, binary_frame, split_text_frames, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.writer import SocketWriter, TurnFlusher
@@ -41,6 +42,21 @@ MAX_BACKLOG = 64
 def _unauthorized(failure: Failure) -> None:
     failure.trap(auth.AuthError)
     raise messages.ProtocolError("UNAUTHORIZED", str(failure.value))
+
+
+def _accept_deflate(max_message_bytes: int) -> Any:
+    """
+    Accept a client's first permessage-deflate offer (browsers make one),
+    with the decompressed size of its messages bounded like any message.
+    """
+
+    def accept(offers: list[Any]) -> Any:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message_bytes)
+        return None
+
+    return accept
 
 
 def new_client_id(now_ms: int) -> str:
@@ -128,6 +144,8 @@ class CollabProtocol(WebSocketServerProtocol):
                 self.transport, config.max_buffer_bytes, self._drop_slow_reader
             )
             self._out = []
+            if self._perMessageCompress is not None:
+                self._deflate_bits = self._perMessageCompress.server_max_window_bits
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.factory.connections[self.client_id] = self
@@ -142,6 +160,8 @@ class CollabProtocol(WebSocketServerProtocol):
 
     _writer: SocketWriter | None = None
     _out: list[bytes] | None = None
+    #: The server-to-client window size when permessage-deflate was agreed.
+    _deflate_bits = 0
 
     def send(self, frame: bytes) -> None:
         """
@@ -153,6 +173,8 @@ class CollabProtocol(WebSocketServerProtocol):
         out = self._out
         if out is None:
             return  # not open yet, or closed
+        if self._deflate_bits:
+            frame = self.factory.deflate.frame(frame, self._deflate_bits)
         if not out:
             flusher = self.factory.flusher
             if flusher.direct:
@@ -562,8 +584,14 @@ class CollabFactory(WebSocketServerFactory):
             # dropping the TCP connection silently.
             failByDrop=False,
             webStatus=False,
-            perMessageCompressionAccept=lambda offers: None,
+            perMessageCompressionAccept=(
+                _accept_deflate(config.max_message_bytes) if config.permessage_deflate
+                else lambda offers: None
+            ),
         )
+        #: Compresses each frame once for every connection that agreed to
+        #: permessage-deflate (PERMESSAGE_DEFLATE); unused otherwise.
+        self.deflate = SharedDeflate()
         # Autobahn copies each of its ~40 options from the factory onto
         # every new protocol instance, and pretty-prints the lot for a debug
         # line (a quarter of a handshake's CPU, measured).  Bound once as

@@ -6,14 +6,23 @@ wire of every member.
 
 from __future__ import annotations
 
+import os
 import struct
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot.framing import binary_frame, split_text_frames, text_frame, unmask
+from happyrobot.framing import (
+    SharedDeflate,
+    binary_frame,
+    split_text_frames,
+    text_frame,
+    unmask,
+)
 
 
 @dataclass(frozen=True)
@@ -255,3 +264,53 @@ class SplitTextFramesTests(SynchronousTestCase):
             offset += len(frame)
             expected.append((payload, offset))
         self.assertEqual(split_text_frames(data, 1000), (expected, offset))
+
+
+def _inflate(frame: bytes, window_bits: int, decompressor: Any = None) -> bytes:
+    """The payload of a compressed frame, as a permessage-deflate client reads it."""
+    header = _decode_header(frame)
+    d = decompressor or zlib.decompressobj(-window_bits)
+    return d.decompress(frame[header.header_size:] + b"\x00\x00\xff\xff")
+
+
+class SharedDeflateTests(SynchronousTestCase):
+    """L{SharedDeflate}: compressed once per frame and window size, valid for any client."""
+
+    BIG = b'{"type":"TASK_UPDATE","payload":{"title":"' + b"write the report " * 40 + b'"}}'
+
+    def test_compressed_frame(self) -> None:
+        """A large text frame comes back final, text, RSV1 set and shorter; it inflates to the payload."""
+        out = SharedDeflate().frame(text_frame(self.BIG), 15)
+        header = _decode_header(out)
+        self.assertEqual((header.fin, header.rsv, header.opcode, header.masked), (True, 4, 1, False))
+        self.assertLess(len(out), len(self.BIG) // 4)
+        self.assertEqual(_inflate(out, 15), self.BIG)
+
+    def test_once_per_frame_and_window(self) -> None:
+        """The same frame object gives the same compressed object; another window size its own."""
+        deflate, frame = SharedDeflate(), text_frame(self.BIG)
+        first = deflate.frame(frame, 15)
+        self.assertIs(deflate.frame(frame, 15), first)
+        for bits in range(9, 16):
+            self.assertEqual(_inflate(deflate.frame(frame, bits), bits), self.BIG, bits)
+        self.assertIs(deflate.frame(frame, 15), first)
+
+    def test_every_message_stands_alone(self) -> None:
+        """
+        Each message decodes with a fresh decompressor (a client without
+        context takeover) and with one kept across messages (a client with it).
+        """
+        deflate = SharedDeflate()
+        payloads = [self.BIG, self.BIG.replace(b"report", b"summary"), self.BIG]
+        kept = zlib.decompressobj(-15)
+        for payload in payloads:
+            out = deflate.frame(text_frame(payload), 15)
+            self.assertEqual(_inflate(out, 15), payload)
+            self.assertEqual(_inflate(out, 15, kept), payload)
+
+    def test_small_incompressible_or_other_frames_stay_plain(self) -> None:
+        """Under the threshold, not shrinking, or not a text frame: the frame itself."""
+        deflate = SharedDeflate(min_bytes=256)
+        for frame in (text_frame(b"x" * 255), text_frame(os.urandom(2000)),
+                      binary_frame(self.BIG)):
+            self.assertIs(deflate.frame(frame, 15), frame)

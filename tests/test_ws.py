@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 
 from happyrobot.messages import RELAYED_TYPES
 from autobahn.twisted.websocket import WebSocketClientFactory
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
@@ -442,6 +443,90 @@ class ReadTests(ServerTestCase):
             self.assertEqual((await client.next_of("TASK_UPDATE"))["payload"]["i"], 2)
         self.assertEqual(len(marked), 2)  # b and c, once each
         self.assertEqual(factory.metrics.frames_out - before, 6)
+
+
+class _DeflateClient(Client):
+    """A client that offers permessage-deflate and notes which messages came compressed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compressed: list[bool] = []
+        self.close_frame: Deferred[int | None] = Deferred()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.compressed.append(bool(self._isMessageCompressed))
+        super().onMessage(payload, isBinary)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes) -> bool | None:
+        if not self.close_frame.called:
+            self.close_frame.callback(code)
+        return super().onCloseFrame(code, reasonRaw)  # type: ignore[no-any-return]
+
+
+class DeflateTests(ServerTestCase):
+    """PERMESSAGE_DEFLATE: compressed events for clients that offer it."""
+
+    async def deflate_client(self, user_id: str) -> _DeflateClient:
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port_number}/ws", origin=ORIGIN)
+        factory.protocol = _DeflateClient
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=PerMessageDeflateResponseAccept,
+        )
+        client: _DeflateClient = await TCP4ClientEndpoint(
+            reactor, "127.0.0.1", self.port_number
+        ).connect(factory)
+        self._clients.append(client)
+        await client.opened
+        client.send_json({"type": "SET_USER", "payload": {"userId": user_id}})
+        client.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        await client.next_of("USER_PRESENCE")
+        return client
+
+    async def test_compressed_both_ways(self) -> None:
+        """
+        With PERMESSAGE_DEFLATE a client that offers it gets large events
+        compressed and small ones plain, and its own compressed events are
+        relayed; a client that does not offer it gets plain frames.
+        """
+        self.start_server(permessage_deflate=True)
+        a = await self.deflate_client("user_a")
+        b = await self.deflate_client("user_b")
+        plain = await self.joined("p1", "user_plain")
+        self.assertIsNotNone(b._perMessageCompress)
+        big = {"title": "write the report " * 40}
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": big})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"t": 1}})
+        b.compressed.clear()
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["payload"], big)
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["payload"], {"t": 1})
+        self.assertEqual(b.compressed, [True, False])
+        self.assertEqual((await plain.next_of("TASK_UPDATE"))["payload"], big)
+
+    async def test_off_by_default(self) -> None:
+        """Without PERMESSAGE_DEFLATE the offer is declined and frames are plain."""
+        self.start_server()
+        a = await self.deflate_client("user_a")
+        b = await self.deflate_client("user_b")
+        self.assertIsNone(b._perMessageCompress)
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"t": "x" * 1000}})
+        b.compressed.clear()
+        await b.next_of("TASK_UPDATE")
+        self.assertEqual(b.compressed, [False])
+
+    async def test_inflated_size_is_bounded(self) -> None:
+        """A message that inflates past MAX_MESSAGE_BYTES closes that connection with 1009."""
+        self.start_server(permessage_deflate=True, max_message_bytes=4096)
+        a = await self.deflate_client("user_a")
+        b = await self.deflate_client("user_b")
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"t": "0" * 100_000}})
+        # (The close frame, not the end of TCP: Autobahn stops reading a
+        # connection whose message failed to inflate, so the client's close
+        # reply goes unread and the socket is dropped after the close
+        # handshake timeout.)
+        self.assertEqual(await a.close_frame, 1009)
+        b.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"t": 1}})
+        await self.round_trip(b)
 
 
 class BroadcastDeliveryTests(ServerTestCase):
