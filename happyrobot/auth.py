@@ -236,7 +236,8 @@ class ProjectAuthorizer:
         self._inflight[pair] = [d]
         request = self._ask(user_id, project_id)
         request.addTimeout(self._timeout, self._clock)
-        request.addCallbacks(self._answered, self._unanswered, (pair,), None, (pair,), None)
+        request.addCallbacks(self._answered, self._unanswered, callbackArgs=(pair,),
+                             errbackArgs=(pair,))
         return d
 
     def _answered(self, answer: bool, pair: tuple[str, str]) -> None:

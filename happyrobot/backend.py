@@ -55,7 +55,9 @@ def project_access(
     """
     import orjson
 
-    headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+    headers: dict[bytes | str, bytes | str] = (
+        {"Authorization": f"Bearer {api_token}"} if api_token else {}
+    )
 
     def ask(user_id: str, project_id: str) -> Deferred[bool]:
         async def get() -> bool:

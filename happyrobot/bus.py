@@ -700,7 +700,7 @@ def _protocol_classes() -> tuple[type, type]:
 
         return d.addCallback(report)
 
-    class CommandProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    class CommandProtocol(txredisapi.RedisProtocol):
         def connectionMade(self) -> Deferred[Any]:
             return ready_when_connected(self, super().connectionMade())
 
@@ -708,7 +708,7 @@ def _protocol_classes() -> tuple[type, type]:
             super().connectionLost(why)
             self.factory.lost(self)
 
-    class SubscriberProtocol(_WholeReadParser, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    class SubscriberProtocol(_WholeReadParser, txredisapi.SubscriberProtocol):
         def connectionMade(self) -> Deferred[Any]:
             return ready_when_connected(self, super().connectionMade())
 
@@ -1426,7 +1426,7 @@ class RedisBus(Service):
         if self._commands is None:
             return fail(ConnectionError("Redis link down"))
         try:
-            return self._commands.execute_command(*args)  # type: ignore[no-any-return]
+            return self._commands.execute_command(*args)
         except Exception:
             return fail()
 

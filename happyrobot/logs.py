@@ -55,7 +55,9 @@ def set_level(name: str) -> None:
     # Autobahn narrates its lifecycle at info and, at debug, whole handshakes
     # with their headers, cookies and ?token= URLs: keep it at warnings
     # unless we are quieter still.
-    txaio.set_global_log_level("error" if name == "error" else "warn")
+    txaio.set_global_log_level(  # type: ignore[attr-defined]
+        "error" if name == "error" else "warn"
+    )
     _debug = name == "debug"
 
 

@@ -215,7 +215,7 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     """Whether C{value} nests containers more than C{limit} levels deep."""
     level = [value]
     for _ in range(limit + 1):
-        nxt = []
+        nxt: list[Any] = []
         for item in level:
             if isinstance(item, dict):
                 nxt.extend(item.values())

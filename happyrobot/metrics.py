@@ -244,13 +244,13 @@ class Metrics:
         self._connections = connections
         self._rooms = rooms
         self.registry = CollectorRegistry()
-        self.registry.register(_LiveCollector(connections, rooms, bus))  # type: ignore[arg-type]
+        self.registry.register(_LiveCollector(connections, rooms, bus))
         #: Valid client messages by type, and frames written (plain numbers).
         self.messages_in: dict[str, int] = {}
         self.frames_out = 0
         self.fanout_recipients = Buckets(FANOUT_BUCKETS)
         self.event_latency = Buckets(LATENCY_BUCKETS_SECONDS)
-        self.registry.register(_HotCollector(self))  # type: ignore[arg-type]
+        self.registry.register(_HotCollector(self))
         self.errors = Counter(
             "happyrobot_errors", "ERROR messages sent, by code", ["code"],
             registry=self.registry,

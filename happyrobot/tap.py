@@ -131,7 +131,8 @@ class DrainService(MultiService):
             elapsed = f.clock.seconds() - start + 1e-9  # float rounding of the delays
             while queue and (n - len(queue)) * step <= elapsed:
                 proto = queue.popleft()
-                if f.connections.get(proto.client_id) is proto:
+                still_open = f.connections.get(proto.client_id) is proto
+                if still_open:
                     proto.sendCloseFrame(CLOSE_GOING_AWAY, b"Server shutting down")
             timer.pop("call", None)
             if queue and f.connections:

@@ -64,7 +64,7 @@ class _JsonEndpoint(Resource):
 
     def render(self, request: Request) -> bytes | int:
         _cors(request, self.factory)
-        if any(request.postpath):  # /health/anything: not ours
+        if any(request.postpath or ()):  # /health/anything: not ours
             return _json(request, 404, {"error": "Not found"})
         method = request.method.decode("ascii", "replace")
         if method == "OPTIONS":
@@ -90,8 +90,11 @@ class _JsonEndpoint(Resource):
     def _authorized(self, request: Request, token: str) -> bool:
         if security.bearer_matches(request.getHeader(b"authorization"), token):
             return True
-        given = request.args.get(b"token") if self.query_token else None
-        return bool(given) and hmac.compare_digest(given[0], token.encode("utf-8"))
+        args: dict[bytes, list[bytes]] = request.args or {}
+        given = args.get(b"token") if self.query_token else None
+        return given is not None and bool(given) and hmac.compare_digest(
+            given[0], token.encode("utf-8")
+        )
 
 
 class NotFound(_JsonEndpoint):
@@ -200,7 +203,7 @@ class BroadcastEndpoint(_JsonEndpoint):
 
     operator = True
 
-    def json_POST(self, request: Request) -> bytes:
+    def json_POST(self, request: Request) -> bytes | int:
         if getattr(request, "body_too_large", False):
             limit = self.factory.config.max_broadcast_bytes
             return _json(request, 413, {"error": f"Body larger than {limit} bytes"})
@@ -208,6 +211,7 @@ class BroadcastEndpoint(_JsonEndpoint):
         if ctype != b"application/json":
             return _json(request, 415, {"error": "Content-Type must be application/json"})
         try:
+            assert request.content is not None
             event = messages.parse_broadcast(request.content.read())
         except messages.BroadcastError as e:
             return _json(request, 400, {"error": str(e)})
@@ -347,7 +351,7 @@ class OriginCheckedWebSocket(WebSocketResource):
                 self.factory.limiter.max_total
             )
             return _json(request, 503 if busy else 429, {"error": refusal})
-        return super().render(request)  # type: ignore[no-any-return]
+        return super().render(request)
 
 
 class Root(Resource):
@@ -387,8 +391,9 @@ class BoundedRequest(Request):
         if self.body_too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_bytes:
+        if self._received > self.channel.site.max_body_bytes:  # type: ignore[attr-defined]
             self.body_too_large = True
+            assert self.content is not None
             self.content.seek(0)
             self.content.truncate()
             return
@@ -409,7 +414,7 @@ class QuietSite(Site):
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Request) -> None:  # type: ignore[override]
         if logs.debug_enabled() and request.path != b"/health":
             log.debug(
                 "{method} {path} {code}",

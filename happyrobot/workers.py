@@ -83,7 +83,7 @@ class ReusePortService(Service):
         super().stopService()
         if self._port is not None:
             port, self._port = self._port, None
-            return port.stopListening()  # type: ignore[no-any-return]
+            return port.stopListening()
         return None
 
 
@@ -141,7 +141,7 @@ class WorkerPool(Service):
             except Exception:  # already gone
                 continue
             timer = self._reactor.callLater(STOP_TIMEOUT_SECONDS, _kill, transport)
-            child.ended.addBoth(lambda _, t=timer: t.cancel() if t.active() else None)
+            child.ended.addBoth(_cancel_timer, timer)
             waits.append(child.ended)
         return DeferredList(waits) if waits else None
 
@@ -184,6 +184,12 @@ class ParentWatch(Service):
             if self._loop is not None and self._loop.running:
                 self._loop.stop()
             self._reactor.stop()
+
+
+def _cancel_timer(result: object, timer: Any) -> object:
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def child_argv(argv: list[str] | None = None) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import types
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -72,17 +72,21 @@ class CollabProtocol(WebSocketServerProtocol):
     user_id: str | None = None
     initials: str = ""
 
+    # Autobahn's options, bound on the per-factory protocol class.
+    maxFramePayloadSize: int
+    utf8validateIncoming: bool
+
     _address: str | None = None
     _identity: auth.Identity | None = None
     _expiry: Any = None
     _busy: Deferred[None] | None = None
 
-    def onConnect(self, request: Any) -> Deferred[None] | None:
+    def onConnect(self, request: Any) -> Deferred[None] | None:  # type: ignore[override]
         # Count the connection against its address; web.py has already
         # refused it (403/429/503) if a limit or the Origin says no.
         try:
             self._address = security.client_address(
-                security.peer_host(self.transport.getPeer()),
+                security.peer_host(self._transport().getPeer()),
                 (request.headers.get("x-forwarded-for") or "").encode("latin-1") or None,
                 self.factory.config.trust_proxy,
             )
@@ -122,6 +126,11 @@ class CollabProtocol(WebSocketServerProtocol):
         head += [f"{name}: {value}" for name, value in responseHeaders or ()]
         self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
 
+    def _transport(self) -> Any:
+        """The TCP transport (set from connectionMade on)."""
+        assert self.transport is not None
+        return self.transport
+
     def onOpen(self) -> None:
         try:
             config = self.factory.config
@@ -139,7 +148,7 @@ class CollabProtocol(WebSocketServerProtocol):
             # Outgoing frames: queued per turn, written straight to the
             # socket when possible; what waits in Twisted's buffer is bounded
             # by MAX_BUFFER_BYTES (a reader that stops reading is cut off).
-            self.transport.unregisterProducer()  # the HTTP channel we were upgraded from
+            self._transport().unregisterProducer()  # the HTTP channel we were upgraded from
             self._writer = SocketWriter(
                 self.transport, config.max_buffer_bytes, self._drop_slow_reader
             )
@@ -321,7 +330,8 @@ class CollabProtocol(WebSocketServerProtocol):
             if isinstance(msg, messages.JoinProject):
                 waiting = self._on_join(msg)
             elif isinstance(msg, messages.LeaveProject):
-                waiting = self._on_leave(msg)
+                self._on_leave(msg)
+                waiting = None
             else:
                 waiting = self._on_set_user(msg)
             if waiting is not None:
@@ -543,7 +553,7 @@ class CollabFactory(WebSocketServerFactory):
     connections by client id.  No logic lives here.
     """
 
-    protocol = CollabProtocol
+    protocol = CollabProtocol  # type: ignore[assignment]
 
     def __init__(
         self, config: Config, registry: RoomRegistry, bus: Bus, clock: IReactorTime, **kw: Any
@@ -604,7 +614,9 @@ class CollabFactory(WebSocketServerFactory):
             for value in (getattr(self, name),)
         }
         options["CONFIG_ATTRS"] = ()
-        self.protocol = type(self.protocol.__name__, (self.protocol,), options)
+        self.protocol = cast(
+            "type[CollabProtocol]", type(self.protocol.__name__, (self.protocol,), options)
+        )
 
     def _turn_flushed(self, frames: int, received: list[float]) -> None:
         self.metrics.turn_flushed(frames, received)
@@ -688,16 +700,16 @@ class EchoFactory(CollabFactory):
 
     protocol = EchoProtocol
 
-    connections = _SharedWithMain()  # type: ignore[assignment]
-    flusher = _SharedWithMain()  # type: ignore[assignment]
-    metrics = _SharedWithMain()  # type: ignore[assignment]
-    limiter = _SharedWithMain()  # type: ignore[assignment]
+    connections = _SharedWithMain()
+    flusher = _SharedWithMain()
+    metrics = _SharedWithMain()
+    limiter = _SharedWithMain()
     http_pool = _SharedWithMain()
-    verifier = _SharedWithMain()  # type: ignore[assignment]
-    authorizer = _SharedWithMain()  # type: ignore[assignment]
-    draining = _SharedWithMain()  # type: ignore[assignment]
-    started_at = _SharedWithMain()  # type: ignore[assignment]
-    _empty_waiters = _SharedWithMain()  # type: ignore[assignment]
+    verifier = _SharedWithMain()
+    authorizer = _SharedWithMain()
+    draining = _SharedWithMain()
+    started_at = _SharedWithMain()
+    _empty_waiters = _SharedWithMain()
 
     def __init__(self, main: CollabFactory) -> None:
         super().__init__(main.config, main.registry, main.bus, main.clock, reactor=main.reactor)
