@@ -156,6 +156,9 @@ class Bus(Protocol):
         events, so that nothing falls between the two.
         """
 
+    def member_count(self, project_id: str) -> Deferred[int]:
+        """How many connections are in the room, across the deployment."""
+
 
 class LocalBus:
     """The in-memory engine: one process, delivery in the same call."""
@@ -187,6 +190,9 @@ class LocalBus:
         now = self._clock.seconds()
         history = self._histories.get(project_id, now)
         return succeed(Replay(history.since(since, now), history.seq))
+
+    def member_count(self, project_id: str) -> Deferred[int]:
+        return succeed(self._registry.member_count(project_id))
 
     def sweep(self) -> None:
         """Forget the histories whose events have all aged out."""
@@ -1585,6 +1591,21 @@ class RedisBus(Service):
         if project_id in self._channels:
             self._seen[project_id] = {i for i, v in zip(others, alive) if v is not None}
         return merge_presence(lists)
+
+    def member_count(self, project_id: str) -> Deferred[int]:
+        """
+        The room's connections on every live instance, from the room's
+        presence in Redis (ours as it is now); only this instance's while
+        Redis cannot be read.
+        """
+
+        async def count() -> int:
+            entries = await self._read_presence(project_id) if self.healthy else None
+            if entries is None:
+                return self._registry.member_count(project_id)
+            return len(entries)
+
+        return Deferred.fromCoroutine(count())
 
     def _snapshot(self) -> dict[str, Any]:
         """This instance for /stats: its connections and its rooms' client ids."""

@@ -219,17 +219,18 @@ class BroadcastEndpoint(_JsonEndpoint):
         now_ms = int(f.clock.seconds() * 1000)
         project_id = event.project_id
 
-        def sent(seq: int) -> dict[str, Any]:
+        async def send() -> dict[str, Any]:
+            seq = await f.bus.append(project_id, messages.broadcast(event, now_ms))
             return {
                 "success": True,
                 "message": "Broadcast sent",
                 "projectId": project_id,
-                "clientCount": f.registry.member_count(project_id),
+                # With REDIS_URL, the room's connections on every instance.
+                "clientCount": await f.bus.member_count(project_id),
                 "seq": seq,
             }
 
-        appended = f.bus.append(project_id, messages.broadcast(event, now_ms))
-        return _json_later(request, appended.addCallback(sent))
+        return _json_later(request, Deferred.fromCoroutine(send()))
 
 
 class MetricsEndpoint(_JsonEndpoint):

@@ -362,10 +362,13 @@ class FanOutTests(RedisTestCase):
                          [f"a-{i}" for i in range(20)])
 
     async def test_broadcast_on_one_instance_reaches_another(self) -> None:
-        """POST /broadcast on A reaches the room's members on B, userId kept."""
+        """POST /broadcast on A reaches the room's members on B, userId kept, all counted."""
         redis = await self.start_redis()
         a, b = await self.start_node(redis), await self.start_node(redis)
         b1 = await b.joined("p2", "user_b1")
+        await b.joined("p2", "user_b2")
+        await a.joined("p2", "user_a1")
+        await a.settled()
         await b.settled()
         status, body, _ = await a.http(
             "POST", "/broadcast",
@@ -373,6 +376,8 @@ class FanOutTests(RedisTestCase):
              "operationId": "op-del"},
         )
         self.assertEqual((status, body["success"]), (200, True))
+        # The room's connections on both instances, not only A's one.
+        self.assertEqual(body["clientCount"], 3)
         msg = await next_event(b1)
         self.assertEqual((msg["type"], msg["operationId"], msg["userId"]),
                          ("PROJECT_DELETE", "op-del", "user_x"))
