@@ -74,6 +74,7 @@ class CollabProtocol(WebSocketServerProtocol):
 
     # Autobahn's options, bound on the per-factory protocol class.
     maxFramePayloadSize: int
+    maxMessagePayloadSize: int
     utf8validateIncoming: bool
 
     _address: str | None = None
@@ -265,7 +266,10 @@ class CollabProtocol(WebSocketServerProtocol):
         frame, a partial frame, or everything after the connection started
         closing).
         """
-        frames, used = split_text_frames(data, self.maxFramePayloadSize)
+        # A whole frame is a whole message here: both of Autobahn's limits
+        # apply (0 is no limit).
+        limits = [n for n in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if n]
+        frames, used = split_text_frames(data, min(limits) if limits else 0)
         if not frames:
             return data
         if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
