@@ -287,9 +287,12 @@ class CollabProtocol(WebSocketServerProtocol):
             if self.utf8validateIncoming:
                 try:
                     payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    self._invalid_payload("invalid UTF-8 in text message")
-                    continue  # Autobahn waits for the close reply
+                except UnicodeDecodeError as e:
+                    # Fail the connection as Autobahn does: close with 1007,
+                    # then drop it (RFC 6455 7.1.7: no need to wait for the reply).
+                    self._invalid_payload(f"invalid UTF-8 in text message at octet {e.start}")
+                    self.dropConnection(abort=False)
+                    continue
             flusher.direct = lone
             try:
                 self.onMessage(payload, False)
