@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from happyrobot import logs, messages, security
-from happyrobot.ws import CollabFactory, EchoFactory
+from happyrobot.ws import CollabFactory
 
 log = logs.get_logger(__name__)
 
@@ -326,8 +326,10 @@ class OriginCheckedWebSocket(WebSocketResource):
     non-browser client, such as the back end, and is let through.
     """
 
-    def __init__(self, factory: CollabFactory) -> None:
-        super().__init__(factory)
+    def __init__(self, factory: CollabFactory, echo: bool = False) -> None:
+        # /echo's protocols are built by the same factory: one set of
+        # connections, limits, flusher and drain for both endpoints.
+        super().__init__(factory.echo_endpoint() if echo else factory)
         self.factory = factory
 
     def render(self, request: Request) -> bytes | int:
@@ -370,7 +372,7 @@ class Root(Resource):
         self.putChild(b"dashboard", Dashboard(factory))
         if factory.config.conformance_echo:
             # /echo for the Autobahn|Testsuite, behind the same checks as /ws.
-            self.putChild(b"echo", OriginCheckedWebSocket(EchoFactory(factory)))
+            self.putChild(b"echo", OriginCheckedWebSocket(factory, echo=True))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self._not_found

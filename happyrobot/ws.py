@@ -624,6 +624,15 @@ class CollabFactory(WebSocketServerFactory):
         self.protocol = cast(
             "type[CollabProtocol]", type(self.protocol.__name__, (self.protocol,), options)
         )
+        #: ``/echo``'s protocol (conformance mode): the same options, and
+        #: built by this factory, so it shares everything with ``/ws``.
+        self.echo_protocol = cast(
+            "type[CollabProtocol]", type(EchoProtocol.__name__, (EchoProtocol,), options)
+        )
+
+    def echo_endpoint(self) -> Any:
+        """What C{WebSocketResource} needs to serve ``/echo`` from this factory."""
+        return _EchoProtocols(self)
 
     def _turn_flushed(self, frames: int, received: list[float]) -> None:
         self.metrics.turn_flushed(frames, received)
@@ -676,48 +685,13 @@ class EchoProtocol(CollabProtocol):
         self.send(binary_frame(payload) if isBinary else text_frame(payload))
 
 
-class _SharedWithMain:
-    """
-    An attribute of an L{EchoFactory} that is its main factory's attribute
-    of the same name, read and written through.  Writes made while
-    L{CollabFactory.__init__} sets its defaults (before C{main} is known)
-    are ignored, so building the echo factory never resets the main one.
-    """
+class _EchoProtocols:
+    """Builds ``/echo``'s protocols for C{WebSocketResource}, bound to the main factory."""
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+    def __init__(self, factory: CollabFactory) -> None:
+        self._factory = factory
 
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return getattr(obj.main, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        if "main" in vars(obj):
-            setattr(obj.main, self.name, value)
-
-
-class EchoFactory(CollabFactory):
-    """
-    The factory behind ``/echo``: made from the main factory's own
-    arguments, so its protocol options are the same, and sharing the main
-    factory's open connections, per-turn flusher, connection limiter, auth
-    hooks and drain state, so writes are batched together, the limits count
-    both endpoints, /health counts both and a shutdown closes and waits for
-    both.
-    """
-
-    protocol = EchoProtocol
-
-    connections = _SharedWithMain()
-    flusher = _SharedWithMain()
-    metrics = _SharedWithMain()
-    limiter = _SharedWithMain()
-    http_pool = _SharedWithMain()
-    verifier = _SharedWithMain()
-    authorizer = _SharedWithMain()
-    draining = _SharedWithMain()
-    started_at = _SharedWithMain()
-    _empty_waiters = _SharedWithMain()
-
-    def __init__(self, main: CollabFactory) -> None:
-        super().__init__(main.config, main.registry, main.bus, main.clock, reactor=main.reactor)
-        self.main = main
+    def buildProtocol(self, addr: Any) -> CollabProtocol:
+        proto = self._factory.echo_protocol()
+        proto.factory = self._factory
+        return proto

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from happyrobot import logs
 from happyrobot.config import Config, load_config
 from happyrobot.tap import Options, makeService
-from happyrobot.ws import EchoFactory
+from happyrobot.ws import EchoProtocol
 from tests.helpers import Client, ServerTestCase
 
 
@@ -138,43 +138,32 @@ class EchoOffTests(ServerTestCase):
         self.assertEqual(self.factory.connections, {})
 
 
-class EchoFactoryTests(SynchronousTestCase):
-    """The echo factory is built like the main one and shares its state."""
+class EchoEndpointTests(SynchronousTestCase):
+    """/echo's protocols come from the main factory, with its options and state."""
 
-    def test_same_protocol_options(self) -> None:
-        """Every Autobahn protocol option of the echo factory equals the main factory's."""
+    def test_same_protocol_options_and_factory(self) -> None:
+        """An echo protocol has every Autobahn option of a /ws one, and the same factory."""
+        from twisted.internet.address import IPv4Address
+
         from happyrobot.tap import build_factory
 
         config = Config(max_message_bytes=4096, ping_interval_seconds=7.0, conformance_echo=True)
         main = build_factory(config, MemoryReactorClock())
-        echo = EchoFactory(main)
+        addr = IPv4Address("TCP", "127.0.0.1", 1)
+        echo = main.echo_endpoint().buildProtocol(addr)
+        ws = main.buildProtocol(addr)
+        self.assertIsInstance(echo, EchoProtocol)
+        self.assertNotIsInstance(ws, EchoProtocol)
+        self.assertIs(echo.factory, main)
         for name in (
             "autoPingInterval", "autoPingTimeout", "maxMessagePayloadSize",
             "maxFramePayloadSize", "openHandshakeTimeout", "closeHandshakeTimeout",
             "failByDrop", "webStatus", "utf8validateIncoming", "applyMask",
-            "server",
+            "perMessageCompressionAccept",
         ):
-            self.assertEqual(getattr(echo, name), getattr(main, name), name)
-        # permessage-deflate is refused by both (each has its own lambda).
-        self.assertIsNone(echo.perMessageCompressionAccept([object()]))
+            self.assertEqual(getattr(echo, name), getattr(ws, name), name)
         self.assertEqual(echo.maxMessagePayloadSize, 4096)
-
-    def test_state_shared_and_not_reset(self) -> None:
-        """Building the echo factory keeps the main one's state, and both read the same objects."""
-        from happyrobot.tap import build_factory
-
-        main = build_factory(Config(conformance_echo=True), MemoryReactorClock())
-        main.draining = True
-        hook = object()
-        main.verifier = hook  # type: ignore[assignment]
-        echo = EchoFactory(main)
-        self.assertTrue(main.draining)
-        self.assertIs(echo.verifier, hook)
-        self.assertIs(echo.connections, main.connections)
-        self.assertIs(echo.limiter, main.limiter)
-        self.assertIs(echo.flusher, main.flusher)
-        echo.draining = False
-        self.assertFalse(main.draining)
+        self.assertEqual(echo.autoPingInterval, 7.0)
 
 
 class ConformanceSettingTests(SynchronousTestCase):
