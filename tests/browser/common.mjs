@@ -34,3 +34,12 @@ export async function need(what) {
 export function closeInput() {
   stdin.close();
 }
+
+/** The end of every driver: close the browser, print the RESULT line the trial test reads. */
+export async function finish(browser, result, error) {
+  if (error) result.error = String(error && error.stack ? error.stack : error);
+  if (browser) await browser.close().catch(() => {});
+  console.log("RESULT " + JSON.stringify(result));
+  process.exitCode = result.ok ? 0 : 1;
+  closeInput();
+}

@@ -10,7 +10,7 @@
 // saves a screenshot.  The last line is "RESULT <json>".  Every wait is bounded.
 
 import { chromium } from "playwright-core";
-import { LAUNCH_ARGS, WAIT_MS, closeInput, need } from "./common.mjs";
+import { LAUNCH_ARGS, WAIT_MS, finish, need } from "./common.mjs";
 
 const config = JSON.parse(process.argv[2]);
 
@@ -44,6 +44,7 @@ async function until(page, what, fn, arg) {
 
 const result = { ok: false, errors: [] };
 let browser;
+let failure = null;
 try {
   browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: LAUNCH_ARGS });
   const context = await browser.newContext({ viewport: { width: 1280, height: 540 } });
@@ -71,10 +72,7 @@ try {
   await page.screenshot({ path: config.screenshot, fullPage: true });
   result.ok = true;
 } catch (error) {
-  result.error = String(error && error.stack ? error.stack : error);
+  failure = error;
 } finally {
-  if (browser) await browser.close().catch(() => {});
-  console.log("RESULT " + JSON.stringify(result));
-  process.exitCode = result.ok ? 0 : 1;
-  closeInput();
+  await finish(browser, result, failure);
 }

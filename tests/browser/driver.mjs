@@ -11,7 +11,7 @@
 // last line is "RESULT <json>".  Every wait is bounded.
 
 import { chromium } from "playwright-core";
-import { LAUNCH_ARGS, WAIT_MS, closeInput, need } from "./common.mjs";
+import { LAUNCH_ARGS, WAIT_MS, finish, need } from "./common.mjs";
 
 const config = JSON.parse(process.argv[2]);
 
@@ -34,6 +34,7 @@ async function until(page, what, fn, arg) {
 const result = { ok: false };
 step("start");
 let browser;
+let failure = null;
 try {
   browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: LAUNCH_ARGS });
   const pages = {};
@@ -110,10 +111,7 @@ try {
   result.ok = true;
   step("done");
 } catch (error) {
-  result.error = String(error && error.stack ? error.stack : error);
+  failure = error;
 } finally {
-  if (browser) await browser.close().catch(() => {});
-  console.log("RESULT " + JSON.stringify(result));
-  process.exitCode = result.ok ? 0 : 1;
-  closeInput();
+  await finish(browser, result, failure);
 }
