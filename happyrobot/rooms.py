@@ -3,14 +3,16 @@ Project rooms: who is in which room, relaying events to the other members,
 and presence.
 
 No sockets and no reactor import: a member is anything with a C{client_id},
-a C{user_id}, C{initials} and a C{send(frame)} method, and time comes from
-an injected clock (the reactor in production, L{twisted.internet.task.Clock}
-in tests).
+a C{user_id}, C{initials}, a C{send(frame)} method and an C{outlet} (its
+outgoing side, with C{send(frame)} too), and time comes from an injected
+clock (the reactor in production, L{twisted.internet.task.Clock} in tests).
+How a room's frames reach the outlets is L{RoomRegistry.fan_out}: a plain
+loop here, the connections' writer (L{happyrobot.writer}) in the server.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -27,6 +29,27 @@ class Member(Protocol):
 
     def send(self, frame: bytes) -> None:
         """Queue an already framed message for this connection."""
+
+    @property
+    def outlet(self) -> Outlet:
+        """Where the room's frames for this member go (the same for its whole life)."""
+
+
+class Outlet(Protocol):
+    """A member's outgoing side."""
+
+    def send(self, frame: bytes) -> None:
+        """Queue an already framed message."""
+
+
+def fan_out(outlets: Mapping[str, Outlet], frame: bytes, exclude: str | None) -> int:
+    """Hand C{frame} to every outlet but C{exclude}'s; how many that was."""
+    sent = 0
+    for client_id, outlet in outlets.items():
+        if client_id != exclude:
+            outlet.send(frame)
+            sent += 1
+    return sent
 
 
 class RoomListener(Protocol):
@@ -57,12 +80,14 @@ class PresencePublisher(Protocol):
 class Room:
     """The members of one project, in join order, with their join times."""
 
-    __slots__ = ("project_id", "members", "joined_at_ms", "presence_timer", "presence_dirty",
-                 "held")
+    __slots__ = ("project_id", "members", "outlets", "joined_at_ms", "presence_timer",
+                 "presence_dirty", "held")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         self.members: dict[str, Member] = {}
+        #: The members' outlets, by the same keys in the same order.
+        self.outlets: dict[str, Outlet] = {}
         self.joined_at_ms: dict[str, int] = {}
         self.presence_timer: IDelayedCall | None = None
         self.presence_dirty = False
@@ -111,6 +136,8 @@ class RoomRegistry:
         self.presence_publisher: PresencePublisher | None = None
         #: Told each event's number of recipients, once per event (the metrics).
         self.on_deliver: Callable[[int], None] | None = None
+        #: Hands a frame to a room's outlets (the server's writer does it faster).
+        self.fan_out: Callable[[Mapping[str, Any], bytes, str | None], int] = fan_out
 
     # ------------------------------------------------------------ queries
 
@@ -155,6 +182,7 @@ class RoomRegistry:
         new = member.client_id not in room.members
         if new:
             room.members[member.client_id] = member
+            room.outlets[member.client_id] = member.outlet
             room.joined_at_ms[member.client_id] = self._now_ms()
         if hold:
             room.held.setdefault(member.client_id, [])
@@ -173,6 +201,7 @@ class RoomRegistry:
         room = self._rooms.get(project_id)
         if room is None or room.members.pop(member.client_id, None) is None:
             return False
+        del room.outlets[member.client_id]
         del room.joined_at_ms[member.client_id]
         room.held.pop(member.client_id, None)
         if not room.members:
@@ -204,15 +233,18 @@ class RoomRegistry:
         room = self._rooms.get(project_id)
         if room is None:
             return 0
-        sent = 0
         held = room.held
-        for client_id, member in room.members.items():
-            if client_id != exclude:
-                if held and client_id in held:
-                    held[client_id].append((seq, frame))
-                else:
-                    member.send(frame)
-                sent += 1
+        if not held:
+            sent = self.fan_out(room.outlets, frame, exclude)
+        else:
+            sent = 0
+            for client_id, outlet in room.outlets.items():
+                if client_id != exclude:
+                    if client_id in held:
+                        held[client_id].append((seq, frame))
+                    else:
+                        outlet.send(frame)
+                    sent += 1
         if self.on_deliver is not None:
             self.on_deliver(sent)
         return sent
@@ -259,5 +291,4 @@ class RoomRegistry:
         if room is None:
             return
         frame = self._encode(messages.presence(project_id, active_users, self._now_ms()))
-        for member in room.members.values():
-            member.send(frame)
+        self.fan_out(room.outlets, frame, None)

@@ -165,6 +165,8 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     # by the registry and once per turn by the flusher.
     factory.metrics = Metrics(reactor, factory.connections, registry, bus)
     registry.on_deliver = factory.metrics.fanout
+    # Rooms hand their frames straight to the connections' writers.
+    registry.fan_out = factory.flusher.fan_out
     if isinstance(bus, RedisBus):
         bus.connection_count = lambda: len(factory.connections)
         bus.on_read_done = lambda: factory.flusher.flush_all()

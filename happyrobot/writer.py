@@ -15,12 +15,15 @@ empty again (so our bytes never overtake bytes already queued there).
 
 L{TurnFlusher} batches per reactor turn: every frame for a connection
 produced while one read is handled (a burst of events, or presence) goes
-out in a single ``send()``.
+out in a single ``send()``.  A read that holds one lone event is the
+exception: L{TurnFlusher.fan_out} writes it to each recipient as it goes,
+in a loop that touches only the small writers (not the connections), since
+every recipient after the first waits for the ones before it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -58,6 +61,43 @@ class TurnFlusher:
         self._dirty.append(conn)
         if self._call is None:
             self._call = self._clock.callLater(0, self.flush_all)
+
+    def fan_out(
+        self, writers: Mapping[str, SocketWriter], frame: bytes, exclude: str | None
+    ) -> int:
+        """
+        Hand C{frame} to every writer but C{exclude}'s (the room registry's
+        delivery); how many that was.  For a lone event (C{direct}), a
+        writer with nothing queued or waiting gets it in one C{send()} right
+        here; the others (and every writer in a burst) through
+        L{SocketWriter.send}.
+        """
+        sent = 0
+        if not self.direct:
+            for client_id, writer in writers.items():
+                if client_id != exclude:
+                    writer.send(frame)
+                    sent += 1
+            return sent
+        size = len(frame)
+        written = 0
+        for client_id, writer in writers.items():
+            if client_id == exclude:
+                continue
+            sent += 1
+            send_now = writer.send_now
+            if send_now is not None and not writer.buffered and not writer.queue:
+                try:
+                    done = send_now(frame)
+                except OSError:
+                    done = 0  # EAGAIN, or an error Twisted will report
+                written += 1
+                if done != size:
+                    writer.write(frame[done:])  # the rest waits in Twisted's buffer
+            else:
+                writer.send(frame)
+        self.written += written
+        return sent
 
     def time_event(self, result: Any, received_at: float) -> Any:
         """
@@ -97,13 +137,22 @@ class TurnFlusher:
 
 class SocketWriter:
     """
-    Writes bytes for one transport, in order, and counts what waits in
-    Twisted's buffer so that a reader that stops reading is noticed
-    (C{on_overflow} is called once past C{max_buffered} bytes).
+    One connection's outgoing side: the frames queued this turn
+    (C{queue}), written together by L{flush}, and the bytes waiting in
+    Twisted's buffer (C{buffered}), bounded: C{on_overflow} is called once
+    a reader that stops reading has more than C{max_buffered} bytes waiting.
     """
 
+    __slots__ = ("_transport", "_socket", "_max", "_on_overflow", "_flusher", "_transform",
+                 "buffered", "queue", "send_now")
+
     def __init__(
-        self, transport: Any, max_buffered: int, on_overflow: Callable[[], None]
+        self,
+        transport: Any,
+        max_buffered: int,
+        on_overflow: Callable[[], None],
+        flusher: TurnFlusher,
+        transform: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self._transport = transport
         # Only a plain TCP or UNIX socket can take our bytes directly: TLS
@@ -112,11 +161,57 @@ class SocketWriter:
         self._socket = transport.getHandle() if direct else None
         self._max = max_buffered
         self._on_overflow = on_overflow
+        self._flusher = flusher
+        #: Applied to each event frame for this connection (permessage-deflate).
+        self._transform = transform
+        #: Frames queued this turn; None once the connection takes no more
+        #: (it is closing, or closed).
+        self.queue: list[bytes] | None = []
+        #: The socket's C{send}, for L{TurnFlusher.fan_out}, when this
+        #: connection's frames may go straight to it (a plain socket, no
+        #: per-connection transform, still open); otherwise None.
+        self.send_now: Callable[[bytes], int] | None = (
+            self._socket.send if self._socket is not None and transform is None else None
+        )
         transport.registerProducer(self, False)  # calls resumeProducing at once
         # Bytes may still sit in Twisted's buffer from before we were
         # registered (the handshake reply): until it reports empty, write
         # through it.
         self.buffered = 1
+
+    def send(self, frame: bytes) -> None:
+        """
+        Queue an event frame; this turn's frames are written together by
+        L{flush}.  While the flusher hands over a lone event (C{direct}), it
+        is written at once instead (after anything queued before it).
+        """
+        queue = self.queue
+        if queue is None:
+            return  # closing, or closed
+        if self._transform is not None:
+            frame = self._transform(frame)
+        if not queue:
+            flusher = self._flusher
+            if flusher.direct:
+                flusher.written += 1
+                self.write(frame)
+                return
+            flusher.mark(self)
+        queue.append(frame)
+
+    def flush(self) -> int:
+        """Write the frames queued this turn, in one piece; how many were written."""
+        queue = self.queue
+        if not queue:
+            return 0
+        self.queue = []
+        self.write(queue[0] if len(queue) == 1 else b"".join(queue))
+        return len(queue)
+
+    def close(self) -> None:
+        """Take no more event frames (the close frame has gone, or the connection)."""
+        self.queue = None
+        self.send_now = None
 
     def write(self, data: bytes, bounded: bool = True) -> None:
         """
@@ -151,3 +246,4 @@ class SocketWriter:
 
     def stopProducing(self) -> None:
         self._socket = None
+        self.send_now = None

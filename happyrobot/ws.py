@@ -8,6 +8,7 @@ L{happyrobot.rooms.RoomRegistry}; events leave through the factory's bus.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import types
 from collections import deque
@@ -150,12 +151,16 @@ class CollabProtocol(WebSocketServerProtocol):
             # socket when possible; what waits in Twisted's buffer is bounded
             # by MAX_BUFFER_BYTES (a reader that stops reading is cut off).
             self._transport().unregisterProducer()  # the HTTP channel we were upgraded from
-            self._writer = SocketWriter(
-                self.transport, config.max_buffer_bytes, self._drop_slow_reader
-            )
-            self._out = []
+            transform = None
             if self._perMessageCompress is not None:
-                self._deflate_bits = self._perMessageCompress.server_max_window_bits
+                # Each event is compressed once per window size, shared by
+                # every recipient with that size.
+                bits = self._perMessageCompress.server_max_window_bits
+                transform = functools.partial(self.factory.deflate.frame, window_bits=bits)
+            self._writer = SocketWriter(
+                self.transport, config.max_buffer_bytes, self._drop_slow_reader,
+                self.factory.flusher, transform,
+            )
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.factory.connections[self.client_id] = self
@@ -169,44 +174,30 @@ class CollabProtocol(WebSocketServerProtocol):
         self.send(text_frame(messages.connection_established(self.client_id, now_ms)))
 
     _writer: SocketWriter | None = None
-    _out: list[bytes] | None = None
-    #: The server-to-client window size when permessage-deflate was agreed.
-    _deflate_bits = 0
+
+    @property
+    def outlet(self) -> SocketWriter:
+        """This connection's outgoing side, which rooms hand their frames to."""
+        assert self._writer is not None, "joined before the connection opened"
+        return self._writer
+
+    def _closed(self) -> bool:
+        """No more frames for this connection: not open yet, closing, or closed."""
+        return self._writer is None or self._writer.queue is None
 
     def send(self, frame: bytes) -> None:
         """
         Queue an already framed message; the connection's frames of this
-        reactor turn are written together by L{flush}.  The same frame
-        bytes go to every recipient: nothing here is per-recipient work
-        beyond a list append.
+        reactor turn are written together (L{SocketWriter}).  The same
+        frame bytes go to every recipient of an event.
         """
-        out = self._out
-        if out is None:
-            return  # not open yet, or closed
-        if self._deflate_bits:
-            frame = self.factory.deflate.frame(frame, self._deflate_bits)
-        if not out:
-            flusher = self.factory.flusher
-            if flusher.direct:
-                # A lone event is being handled: write now (each recipient
-                # gets it one send() sooner than after queueing them all).
-                if self.state == WebSocketServerProtocol.STATE_OPEN:
-                    flusher.written += 1
-                    self._writer.write(frame)  # type: ignore[union-attr]
-                return
-            flusher.mark(self)
-        out.append(frame)
+        if self._writer is not None:
+            self._writer.send(frame)
 
-    def flush(self) -> int:
-        """Write the frames queued this turn, in one piece; how many were written."""
-        out = self._out
-        if not out or self._writer is None:
-            return 0
-        self._out = []
-        if self.state != WebSocketServerProtocol.STATE_OPEN:
-            return 0
-        self._writer.write(out[0] if len(out) == 1 else b"".join(out))
-        return len(out)
+    def flush(self) -> None:
+        """Write the frames queued this turn now."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's own frames (pings, pongs, close) take the same writer,
@@ -226,9 +217,22 @@ class CollabProtocol(WebSocketServerProtocol):
         first; nothing after.  Autobahn drops the connection if the client
         does not answer within the close handshake timeout.
         """
-        self.flush()
-        self._out = None
         self.sendCloseFrame(code, reason.encode("utf-8"))
+
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        # Every close frame goes through here (ours, Autobahn's replies and
+        # failures): the frames queued so far are written before it (see
+        # sendData), and no event after it.
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        if self.state != WebSocketServerProtocol.STATE_OPEN and self._writer is not None:
+            self._writer.close()
+
+    def dropConnection(self, abort: bool = False) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        super().dropConnection(abort)
 
     def _drop_slow_reader(self) -> None:
         # Twisted holds more than MAX_BUFFER_BYTES for a client that is not
@@ -236,7 +240,7 @@ class CollabProtocol(WebSocketServerProtocol):
         # client reads the close after its backlog; one that stopped
         # reading is dropped when the close handshake times out, which
         # frees the buffer.
-        if self._out is None:
+        if self._closed():
             return
         log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
         self.factory.metrics.slow_reader()
@@ -301,7 +305,7 @@ class CollabProtocol(WebSocketServerProtocol):
         return data[used:]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._out is None:
+        if self._closed():
             return  # closing: nothing more is answered
         if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):
             self._rate_limited()
@@ -379,7 +383,8 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._address is not None:
             self.factory.limiter.closed(self._address)
             self._address = None
-        self._out = None
+        if self._writer is not None:
+            self._writer.close()
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         if not self.client_id:
@@ -487,7 +492,7 @@ class CollabProtocol(WebSocketServerProtocol):
         return authorizer.allowed(self.user_id, project_id).addCallbacks(answered, unanswered)
 
     def _join(self, project_id: str, since: int | None = None) -> Deferred[None] | None:
-        if self._out is None:
+        if self._closed():
             return None  # closed while the back end was answering
         self.projects.add(project_id)
         registry = self.factory.registry
@@ -499,7 +504,7 @@ class CollabProtocol(WebSocketServerProtocol):
         registry.join(project_id, self, hold=True)
 
         def replayed(replay: Replay) -> None:
-            if self._out is None or project_id not in self.projects:
+            if self._closed() or project_id not in self.projects:
                 return
             if replay.events is None:
                 self.send(text_frame(

@@ -63,6 +63,7 @@ class _Member:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.sent: list[bytes] = []
+        self.outlet = self
 
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)

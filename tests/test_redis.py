@@ -40,7 +40,6 @@ from happyrobot.bus import (
 )
 from happyrobot.config import Config, ConfigError, RedisAddress, load_config, redis_address
 from happyrobot.framing import text_frame
-from happyrobot.writer import TurnFlusher
 from happyrobot.rooms import RoomRegistry
 from happyrobot.tap import DrainService, Options, build_factory, makeService
 from happyrobot.web import make_site
@@ -226,6 +225,7 @@ class MergeTests(SynchronousTestCase):
 
             def __init__(self) -> None:
                 self.frames: list[bytes] = []
+                self.outlet = self
 
             def send(self, frame: bytes) -> None:
                 self.frames.append(frame)
@@ -336,7 +336,7 @@ class FanOutTests(RedisTestCase):
         b1 = await b.joined("p1", "user_b1")
         await a.settled()
         await b.settled()
-        b.factory.flusher = TurnFlusher(Clock(), b.factory._turn_flushed)
+        self.patch(b.factory.flusher, "_clock", Clock())
         for i in range(3):
             a1.send_json(event(f"op-{i}"))
             self.assertEqual((await next_event(b1))["operationId"], f"op-{i}")
@@ -638,6 +638,7 @@ class Recorder:
         self.initials = "U"
         self.frames: DeferredQueue[dict[str, Any]] = DeferredQueue()
         self.received: list[dict[str, Any]] = []
+        self.outlet = self
 
     def send(self, frame: bytes) -> None:
         msg = json.loads(_unframe(frame))

@@ -33,6 +33,11 @@ class RecordingMember:
         self.initials = initials
         self.frames: list[bytes] = []
 
+    @property
+    def outlet(self) -> RecordingMember:
+        """Frames for this member come back to its C{send}."""
+        return self
+
     def send(self, frame: bytes) -> None:
         """Record C{frame}."""
         self.frames.append(frame)

@@ -222,7 +222,7 @@ class SlowReaderTests(ServerTestCase):
         # Cut off once Twisted held more than the bound for it: at most the
         # bound plus the frames of the turn that crossed it, then nothing.
         assert slow_proto._writer is not None
-        self.assertIsNone(slow_proto._out)
+        self.assertIsNone(slow_proto._writer.queue)
         self.assertGreater(slow_proto._writer.buffered, 256 * 1024)
         self.assertLess(slow_proto._writer.buffered, 256 * 1024 + 1024 * 1024)
         self.assertEqual(self.factory.registry.member_count("p1"), 3)

@@ -64,7 +64,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_first_write_goes_through_transport_then_direct(self) -> None:
         """Until the transport reports empty, writes go through it; then to the socket."""
         t = FakeTransport(self.a)
-        w = SocketWriter(t, 1000, self.overflow)
+        w = SocketWriter(t, 1000, self.overflow, TurnFlusher(Clock()))
         w.write(b"hello")
         self.assertEqual(t.buffer, [b"hello"])
         self.assertEqual(t.drain(), b"hello")
@@ -76,7 +76,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_full_socket_falls_back_in_order(self) -> None:
         """What the kernel does not take goes to the transport, and later writes follow it."""
         t = FakeTransport(self.a)
-        w = SocketWriter(t, 100 * 1024 * 1024, self.overflow)
+        w = SocketWriter(t, 100 * 1024 * 1024, self.overflow, TurnFlusher(Clock()))
         t.drain()
         big = b"x" * (8 * 1024 * 1024)  # more than a socket pair buffers
         w.write(big)
@@ -95,7 +95,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_bound(self) -> None:
         """Past the bound event frames are refused and reported; protocol frames still go."""
         t = FakeTransport(None)  # no direct path: everything is buffered
-        w = SocketWriter(t, 10, self.overflow)
+        w = SocketWriter(t, 10, self.overflow, TurnFlusher(Clock()))
         w.write(b"123456789")  # 1 (unknown) + 9 = 10: not over
         self.assertEqual(self.overflows, 0)
         w.write(b"ab")  # 12 waiting now
@@ -108,7 +108,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_one_large_frame_is_not_overflow(self) -> None:
         """A single frame larger than the bound does not by itself cut a client off."""
         t = FakeTransport(None)
-        w = SocketWriter(t, 10, self.overflow)
+        w = SocketWriter(t, 10, self.overflow, TurnFlusher(Clock()))
         t.drain()
         w.write(b"x" * 100)
         self.assertEqual(self.overflows, 0)
@@ -116,7 +116,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_tls_never_direct(self) -> None:
         """A TLS transport always gets the bytes, never the raw socket."""
         t = FakeTransport(self.a, tls=True)
-        w = SocketWriter(t, 1000, self.overflow)
+        w = SocketWriter(t, 1000, self.overflow, TurnFlusher(Clock()))
         t.drain()
         w.write(b"secret")
         self.assertEqual(t.buffer, [b"secret"])
@@ -124,7 +124,7 @@ class SocketWriterTests(SynchronousTestCase):
     def test_unregisters_when_disconnecting(self) -> None:
         """Once the transport is closing, the writer steps aside so the close can finish."""
         t = FakeTransport(self.a)
-        SocketWriter(t, 1000, self.overflow)
+        SocketWriter(t, 1000, self.overflow, TurnFlusher(Clock()))
         t.disconnecting = True
         t.drain()
         self.assertIsNone(t.producer)
@@ -191,3 +191,115 @@ class TurnFlusherTests(SynchronousTestCase):
         flusher.time_event(None, 2.0)  # nothing written or queued: not timed
         flusher.flush_all()
         self.assertEqual(turns, [(3, [1.5])])
+
+
+class FanOutTests(SynchronousTestCase):
+    """TurnFlusher.fan_out: how a room's frame reaches its members' writers."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.turns: list[tuple[int, list[float]]] = []
+        self.flusher = TurnFlusher(self.clock, lambda frames, received: self.turns.append((frames, received)))
+        self.peers: dict[str, socket.socket] = {}
+        self.transports: dict[str, FakeTransport] = {}
+
+    def writer(self, name: str, transform: Any = None, tls: bool = False) -> SocketWriter:
+        """A writer over a real socket pair whose transport buffer is empty."""
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        self.peers[name] = b
+        t = self.transports[name] = FakeTransport(a, tls=tls)
+        w = SocketWriter(t, 64 << 20, self.fail, self.flusher, transform)
+        t.drain()
+        return w
+
+    def received(self, name: str) -> bytes:
+        """What the peer of C{name} has received so far, and what its transport holds."""
+        try:
+            data = self.peers[name].recv(1 << 20)
+        except BlockingIOError:
+            data = b""
+        return data + b"|" + b"".join(self.transports[name].buffer)
+
+    def test_lone_event_goes_straight_to_each_socket(self) -> None:
+        """Direct: each writer but the excluded one gets the frame in one send, counted."""
+        writers = {name: self.writer(name) for name in ("a", "b", "c")}
+        self.flusher.direct = True
+        self.assertEqual(self.flusher.fan_out(writers, b"EV", exclude="b"), 2)
+        self.assertEqual(self.received("a"), b"EV|")
+        self.assertEqual(self.received("b"), b"|")
+        self.assertEqual(self.received("c"), b"EV|")
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing queued for later
+        self.flusher.flush_all()
+        self.assertEqual(self.turns, [(2, [])])
+
+    def test_burst_is_queued_and_written_once(self) -> None:
+        """Not direct: frames are queued and each writer is written once at the flush."""
+        writers = {name: self.writer(name) for name in ("a", "b")}
+        self.assertEqual(self.flusher.fan_out(writers, b"E1", exclude=None), 2)
+        self.assertEqual(self.flusher.fan_out(writers, b"E2", exclude=None), 2)
+        self.assertEqual(self.received("a"), b"|")
+        self.clock.advance(0)
+        self.assertEqual(self.received("a"), b"E1E2|")
+        self.assertEqual(self.received("b"), b"E1E2|")
+        self.assertEqual(self.turns, [(4, [])])
+
+    def test_order_is_kept_behind_queued_and_buffered_bytes(self) -> None:
+        """
+        A writer with frames queued this turn, or bytes waiting in Twisted's
+        buffer, gets the lone event after them, not straight away.
+        """
+        queued, waiting = self.writer("queued"), self.writer("waiting")
+        queued.send(b"Q")  # queued this turn (not direct)
+        waiting.write(b"x" * (8 * 1024 * 1024))  # more than the socket takes
+        self.assertTrue(self.transports["waiting"].buffer)
+        self.flusher.direct = True
+        self.flusher.fan_out({"queued": queued, "waiting": waiting}, b"EV", exclude=None)
+        self.assertEqual(self.received("queued"), b"|")  # still queued behind Q
+        self.assertEqual(self.transports["waiting"].buffer[-1], b"EV")
+        self.flusher.direct = False
+        self.flusher.flush_all()
+        self.assertEqual(self.received("queued"), b"QEV|")
+
+    def test_partial_send_leaves_the_rest_in_order(self) -> None:
+        """What the kernel does not take of the frame waits in the transport, then later frames."""
+        w = self.writer("a")
+        big = b"y" * (8 * 1024 * 1024)
+        self.flusher.direct = True
+        self.flusher.fan_out({"a": w}, big, exclude=None)
+        self.flusher.fan_out({"a": w}, b"NEXT", exclude=None)
+        got = b""
+        while True:
+            try:
+                chunk = self.peers["a"].recv(1 << 20)
+            except BlockingIOError:
+                break
+            got += chunk
+        self.assertEqual(got + b"".join(self.transports["a"].buffer), big + b"NEXT")
+
+    def test_transformed_and_tls_writers_take_the_slow_path(self) -> None:
+        """A per-connection transform (deflate) is applied; TLS goes through the transport."""
+        deflated = self.writer("z", transform=lambda frame: b"z(" + frame + b")")
+        tls = self.writer("tls", tls=True)
+        self.assertIsNone(deflated.send_now)
+        self.assertIsNone(tls.send_now)
+        self.flusher.direct = True
+        self.flusher.fan_out({"z": deflated, "tls": tls}, b"EV", exclude=None)
+        self.assertEqual(self.received("z"), b"z(EV)|")
+        self.assertEqual(self.received("tls"), b"|EV")
+        self.flusher.flush_all()
+        self.assertEqual(self.turns, [(2, [])])
+
+    def test_closed_writer_gets_nothing(self) -> None:
+        """After close() (the close frame went), events are dropped, direct or queued."""
+        w = self.writer("a")
+        w.close()
+        self.flusher.direct = True
+        self.flusher.fan_out({"a": w}, b"EV", exclude=None)
+        self.flusher.direct = False
+        self.flusher.fan_out({"a": w}, b"EV", exclude=None)
+        self.clock.advance(0)
+        self.assertEqual(self.received("a"), b"|")
+        self.assertEqual(w.flush(), 0)
