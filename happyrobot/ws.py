@@ -128,6 +128,18 @@ class CollabProtocol(WebSocketServerProtocol):
         head += [f"{name}: {value}" for name, value in responseHeaders or ()]
         self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
 
+    #: Messages that arrived while a join or SET_USER was waiting (made
+    #: when first needed: an empty deque is 0.7 kB per connection).
+    _backlog: deque[tuple[bytes, bool]] | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn's queue for its synchronous and chopped writes, which
+        # this server never makes (every write after the handshake goes
+        # through SocketWriter): an empty tuple instead of a 0.7 kB deque
+        # per connection, which would fail loudly if ever appended to.
+        self.send_queue = ()  # type: ignore[assignment]
+
     def _transport(self) -> Any:
         """The TCP transport (set from connectionMade on)."""
         assert self.transport is not None
@@ -138,7 +150,6 @@ class CollabProtocol(WebSocketServerProtocol):
             config = self.factory.config
             self._user_info: dict[str, str] = {}
             self.projects: set[str] = set()
-            self._backlog: deque[tuple[bytes, bool]] = deque()
             if self._identity is not None:
                 self._accept_identity(self._identity)
             now = self.factory.clock.seconds()
@@ -314,7 +325,9 @@ class CollabProtocol(WebSocketServerProtocol):
             # A join or SET_USER is waiting on the back end or the identity
             # provider: later frames wait their turn, so they are handled in
             # the order sent.
-            if len(self._backlog) >= MAX_BACKLOG:
+            if self._backlog is None:
+                self._backlog = deque()
+            elif len(self._backlog) >= MAX_BACKLOG:
                 log.warn("{client_id} sent too much while waiting", client_id=self.client_id)
                 self._close(CLOSE_POLICY_VIOLATION, "Too many messages while busy")
                 return

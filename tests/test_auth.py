@@ -13,12 +13,12 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from happyrobot.auth import (
     AuthError,
@@ -30,6 +30,7 @@ from happyrobot.auth import (
     load_public_key,
 )
 from happyrobot.config import Config
+from happyrobot.ws import MAX_BACKLOG
 from tests.helpers import ServerTestCase
 from tests.test_tap import InMemoryPair
 
@@ -354,16 +355,30 @@ class Backend(Resource):
         self.allowed = allowed
         self.status = status
         self.requests: list[tuple[dict[str, list[str]], bytes | None]] = []
+        #: While set, answers wait until it fires.
+        self.hold: Deferred[None] | None = None
+        #: One entry per request received.
+        self.arrivals: DeferredQueue[None] = DeferredQueue()
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> bytes | int:
         query = parse_qs(urlparse(request.uri.decode()).query)
         self.requests.append((query, request.getHeader(b"authorization")))
+        self.arrivals.put(None)
         if self.status != 200:
             request.setResponseCode(self.status)
             return b"{}"
         pair = (query["userId"][0], query["projectId"][0])
         request.setResponseCode(200 if pair in self.allowed else 403)
-        return b'{"allowed": true}' if pair in self.allowed else b"{}"
+        body = b'{"allowed": true}' if pair in self.allowed else b"{}"
+        if self.hold is None:
+            return body
+
+        def answer(_: None) -> None:
+            request.write(body)
+            request.finish()
+
+        self.hold.addCallback(answer)
+        return NOT_DONE_YET
 
 
 class ProjectAuthorizationTests(ServerTestCase):
@@ -402,6 +417,57 @@ class ProjectAuthorizationTests(ServerTestCase):
             while (await c.next_of("USER_PRESENCE"))["payload"]["userCount"] < 5:
                 pass
         self.assertEqual(len(backend.requests), 1)
+
+    async def test_messages_wait_for_a_pending_join(self) -> None:
+        """
+        What a client sends while its join waits for the back end is handled
+        after the join, in order: its event reaches the room instead of
+        being refused as NOT_IN_PROJECT.
+        """
+        backend = await self.backend({("user_a", "p1"), ("user_b", "p1")})
+        b = await self.connect()
+        b.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_b"})
+        await b.next_of("USER_PRESENCE")
+        backend.hold = Deferred()
+        a = await self.connect()
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_a"})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"n": 1},
+                     "operationId": "e1"})
+        a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"n": 2},
+                     "operationId": "e2"})
+        # Wait (bounded) until the server has read both events while the
+        # join is still pending.
+        server_a = list(self.factory.connections.values())[-1]
+        for _ in range(500):
+            if server_a._backlog is not None and len(server_a._backlog) == 2:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(server_a._backlog or ()), 2)
+        self.assertEqual(self.factory.registry.member_count("p1"), 1)
+        backend.hold.callback(None)
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["operationId"], "e1")
+        self.assertEqual((await b.next_of("TASK_UPDATE"))["operationId"], "e2")
+        self.assertEqual(self.factory.registry.member_count("p1"), 2)
+        self.assertEqual([m for m in a.pending() if m.get("type") == "ERROR"], [])
+
+    async def test_too_much_while_waiting_closes(self) -> None:
+        """More than MAX_BACKLOG messages behind a pending join close the connection with 1008."""
+        backend = await self.backend({("user_a", "p1")})
+        backend.hold = Deferred()
+        a = await self.connect()
+        a.send_json({"type": "JOIN_PROJECT", "projectId": "p1", "userId": "user_a"})
+        for i in range(MAX_BACKLOG + 1):
+            a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {"i": i}})
+        self.assertEqual(await a.closed, 1008)
+        # The answer that comes after the close joins nothing.  (A second
+        # question for the same pair waits on the same request and is
+        # answered after the first.)
+        await backend.arrivals.get()
+        assert self.factory.authorizer is not None
+        answered = self.factory.authorizer.allowed("user_a", "p1")
+        backend.hold.callback(None)
+        self.assertTrue(await answered)
+        self.assertNotIn("p1", self.factory.registry)
 
     async def test_backend_error_fails_closed(self) -> None:
         """A back end that errs refuses the join with AUTH_UNAVAILABLE."""
