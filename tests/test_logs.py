@@ -12,6 +12,7 @@ from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, format
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from happyrobot import logs
 from happyrobot.logs import LineObserver
 
 
@@ -98,3 +99,55 @@ class LineObserverTests(SynchronousTestCase):
         self.out.close()
         self.reactor.running = False
         self.log.info("nowhere")
+
+
+class LevelLoggerTests(SynchronousTestCase):
+    """L{happyrobot.logs.get_logger}: the level applied before the event is built."""
+
+    def tearDown(self) -> None:
+        logs.set_level("info")
+
+    def capture(self, logger: Logger) -> list[dict[str, object]]:
+        events: list[dict[str, object]] = []
+        self.patch(logger, "observer", events.append)
+        return events
+
+    def test_same_event_as_twisted(self) -> None:
+        """A kept event has exactly the keys and values Twisted's Logger gives it."""
+        ours, theirs = logs.get_logger("happyrobot.x"), Logger(namespace="happyrobot.x")
+        got, want = self.capture(ours), self.capture(theirs)
+        for logger in (ours, theirs):
+            logger.info("{client_id} connected", client_id="c1")
+            logger.failure("boom", Failure(ValueError("x")))
+        self.assertEqual(len(got), 2)
+        for a, b in zip(got, want):
+            self.assertEqual(set(a), set(b))
+            for key in a:
+                if key not in ("log_time", "log_logger", "log_failure"):
+                    self.assertEqual(a[key], b[key], key)
+            self.assertIs(a["log_logger"], ours)
+            self.assertLess(abs(float(a["log_time"]) - float(b["log_time"])), 5)  # type: ignore[arg-type]
+
+    def test_level_drops_before_building(self) -> None:
+        """Below LOG_LEVEL nothing reaches the observer; at or above it, everything does."""
+        log = logs.get_logger("happyrobot.x")
+        events = self.capture(log)
+        logs.set_level("warn")
+        log.debug("d")
+        log.info("i")
+        log.warn("w")
+        log.error("e")
+        log.critical("c")
+        self.assertEqual([e["log_format"] for e in events], ["w", "e", "c"])
+        logs.set_level("debug")
+        log.debug("d")
+        self.assertEqual(events[-1]["log_format"], "d")
+
+    def test_bad_level_reported_as_twisted_does(self) -> None:
+        """An invalid level is reported as a failure, as by Twisted's own Logger."""
+        log = logs.get_logger("happyrobot.x")
+        events = self.capture(log)
+        log.emit("loud", "x")  # type: ignore[arg-type]
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["log_level"], LogLevel.critical)
+        self.assertIn("invalid log level", str(events[0]["log_format"]))
