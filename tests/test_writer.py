@@ -303,3 +303,11 @@ class FanOutTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.received("a"), b"|")
         self.assertEqual(w.flush(), 0)
+
+    def test_send_error_leaves_the_frame_to_twisted(self) -> None:
+        """A send() that fails (the peer is gone) hands the frame to the transport, which reports it."""
+        w = self.writer("gone")
+        self.peers["gone"].close()
+        self.flusher.direct = True
+        self.assertEqual(self.flusher.fan_out({"gone": w}, b"EV", exclude=None), 1)
+        self.assertEqual(self.transports["gone"].buffer, [b"EV"])
