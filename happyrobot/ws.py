@@ -182,7 +182,12 @@ class CollabProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def _greet(self, now_ms: int) -> None:
-        self.send(text_frame(messages.connection_established(self.client_id, now_ms)))
+        # The connection's first frame, with nothing queued before it: it
+        # is written at once, behind the handshake reply still in Twisted's
+        # buffer (both leave in one send()), with no flush to schedule.
+        assert self._writer is not None
+        self._writer.write(text_frame(messages.connection_established(self.client_id, now_ms)))
+        self.factory.flusher.written += 1
 
     _writer: SocketWriter | None = None
 
