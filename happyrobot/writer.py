@@ -72,21 +72,15 @@ class TurnFlusher:
         here; the others (and every writer in a burst) through
         L{SocketWriter.send}.
         """
-        sent = 0
-        if not self.direct:
-            for client_id, writer in writers.items():
-                if client_id != exclude:
-                    writer.send(frame)
-                    sent += 1
-            return sent
+        direct = self.direct
         size = len(frame)
-        written = 0
+        sent = written = 0
         for client_id, writer in writers.items():
             if client_id == exclude:
                 continue
             sent += 1
             send_now = writer.send_now
-            if send_now is not None and not writer.buffered and not writer.queue:
+            if direct and send_now is not None and not writer.buffered and not writer.queue:
                 try:
                     done = send_now(frame)
                 except OSError:
