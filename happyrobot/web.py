@@ -354,7 +354,13 @@ class OriginCheckedWebSocket(WebSocketResource):
                 self.factory.limiter.max_total
             )
             return _json(request, 503 if busy else 429, {"error": refusal})
-        return super().render(request)
+        result = super().render(request)
+        if request.channel.transport is None:
+            # Autobahn took the connection over: this request never
+            # finishes, and in the channel's list it would keep the two in
+            # a reference cycle (freed only by the cyclic garbage collector).
+            request.channel.requests.remove(request)
+        return result
 
 
 class Root(Resource):

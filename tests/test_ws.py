@@ -5,9 +5,12 @@ server, for every message type and every error path of the WebSocket.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 
 from happyrobot.messages import RELAYED_TYPES
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -81,6 +84,36 @@ class ConnectionTests(ServerTestCase):
         await a.closed
         await self.factory.when_empty()
         self.assertEqual(len(self.factory.registry), 0)
+
+    async def test_closed_connection_is_freed_by_reference_counting(self) -> None:
+        """
+        A connection that joined a room and closed leaves no reference cycle
+        behind (its protocol with its writer, its HTTP channel and request): reference
+        counting frees it, with the cyclic garbage collector switched off.
+        """
+        self.start_server()
+        made: list[weakref.ref[object]] = []
+        make = self.site.requestFactory
+
+        def tracked(channel: object, queued: object) -> object:
+            request = make(channel, queued)
+            made.extend((weakref.ref(channel), weakref.ref(request)))
+            return request
+
+        self.patch(self.site, "requestFactory", tracked)
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        c = await self.joined("p1", "user_a")
+        server = self.factory.connections[c.client_id]
+        watched = {"protocol": weakref.ref(server), "channel": made[0], "request": made[1]}
+        del server
+        c.sendClose(1000)
+        await c.closed
+        await self.factory.when_empty()
+        await deferLater(reactor, 0, lambda: None)  # connectionLost has returned
+        self.assertEqual({name: ref() is None for name, ref in watched.items()},
+                         dict.fromkeys(watched, True))
 
 
 class PresenceTests(ServerTestCase):
