@@ -147,7 +147,6 @@ class SocketWriter:
         on_overflow: Callable[[], None],
         flusher: TurnFlusher,
         transform: Callable[[bytes], bytes] | None = None,
-        fresh: bool = False,
     ) -> None:
         self._transport = transport
         # Only a plain TCP or UNIX socket can take our bytes directly: TLS
@@ -169,10 +168,10 @@ class SocketWriter:
             self._socket.send if self._socket is not None and transform is None else None
         )
         transport.registerProducer(self, False)  # calls resumeProducing at once
-        # Unless the caller knows that nothing was written to the transport
-        # before (C{fresh}), bytes may still sit in Twisted's buffer: until
-        # it reports empty, write through it.
-        self.buffered = 0 if fresh else 1
+        # Bytes may still sit in Twisted's buffer from before we were
+        # registered (the handshake reply): until it reports empty, write
+        # through it.
+        self.buffered = 1
 
     def send(self, frame: bytes) -> None:
         """

@@ -168,48 +168,26 @@ class CollabProtocol(WebSocketServerProtocol):
                 # every recipient with that size.
                 bits = self._perMessageCompress.server_max_window_bits
                 transform = functools.partial(self.factory.deflate.frame, window_bits=bits)
-            reply, self._reply = self._reply, None
             self._writer = SocketWriter(
                 self.transport, config.max_buffer_bytes, self._drop_slow_reader,
-                self.factory.flusher, transform, fresh=reply is not None,
+                self.factory.flusher, transform,
             )
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.factory.connections[self.client_id] = self
             log.info("{client_id} connected", client_id=self.client_id)
-            # The greeting is written at once, behind the handshake's reply
-            # (held until now, see succeedHandshake): both leave in one
-            # send(), with no flush to schedule.
-            greeting = self._greeting(now_ms)
-            self._writer.write((reply or b"") + greeting)
-            if greeting:
-                self.factory.flusher.written += 1
+            self._greet(now_ms)
         except Exception:
             log.failure("onOpen failed")
             self.dropConnection(abort=True)
 
-    def _greeting(self, now_ms: int) -> bytes:
-        """The connection's first frame: CONNECTION_ESTABLISHED."""
-        return text_frame(messages.connection_established(self.client_id, now_ms))
-
-    #: The opening handshake's reply, held by sendData for onOpen.
-    _reply: bytes | None = None
-    _holding_reply = False
-
-    def succeedHandshake(self, res: Any) -> None:
-        # Autobahn writes the 101 reply and then calls onOpen, which greets
-        # the client: the reply is held until then, so that both leave in
-        # one send() straight to the socket, rather than through Twisted's
-        # buffer (an epoll_ctl in and out of write interest and a write
-        # event: an eighth of the CPU of a connect).
-        self._holding_reply = True
-        try:
-            super().succeedHandshake(res)
-        finally:
-            self._holding_reply = False
-            reply, self._reply = self._reply, None
-            if reply is not None:  # onOpen failed before it took the reply
-                super().sendData(reply)
+    def _greet(self, now_ms: int) -> None:
+        # The connection's first frame, with nothing queued before it: it
+        # is written at once, behind the handshake reply still in Twisted's
+        # buffer (both leave in one send()), with no flush to schedule.
+        assert self._writer is not None
+        self._writer.write(text_frame(messages.connection_established(self.client_id, now_ms)))
+        self.factory.flusher.written += 1
 
     _writer: SocketWriter | None = None
 
@@ -242,9 +220,6 @@ class CollabProtocol(WebSocketServerProtocol):
         # after whatever this connection has queued, so that bytes stay in
         # order.  Autobahn's debug logging of each write is skipped too.
         writer = self._writer
-        if writer is None and self._holding_reply and not (sync or chopsize):
-            self._reply = data if self._reply is None else self._reply + data
-            return
         if writer is None or sync or chopsize:
             super().sendData(data, sync, chopsize)
             return
@@ -733,8 +708,8 @@ class EchoProtocol(CollabProtocol):
     own messages back.
     """
 
-    def _greeting(self, now_ms: int) -> bytes:
-        return b""
+    def _greet(self, now_ms: int) -> None:
+        pass
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._bucket is not None and not self._bucket.take(self.factory.clock.seconds()):

@@ -15,7 +15,7 @@ from twisted.internet.task import deferLater
 from happyrobot.messages import RELAYED_TYPES
 from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
-from twisted.internet import reactor, tcp
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.helpers import ORIGIN, Client, ServerTestCase
@@ -84,25 +84,6 @@ class ConnectionTests(ServerTestCase):
         await a.closed
         await self.factory.when_empty()
         self.assertEqual(len(self.factory.registry), 0)
-
-    async def test_reply_and_greeting_go_straight_to_the_socket(self) -> None:
-        """
-        The handshake's 101 reply is held until the greeting follows it, and
-        both are written to the socket directly: nothing goes through
-        Twisted's buffered transport.write().
-        """
-        self.start_server()
-        writes: list[bytes] = []
-        original = tcp.Server.write
-
-        def write(transport: tcp.Server, data: bytes) -> None:
-            writes.append(data)
-            original(transport, data)
-
-        self.patch(tcp.Server, "write", write)
-        c = await self.connect()  # the 101, then CONNECTION_ESTABLISHED
-        self.assertTrue(c.client_id)
-        self.assertEqual(writes, [])
 
     async def test_closed_connection_is_freed_by_reference_counting(self) -> None:
         """
