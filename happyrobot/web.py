@@ -355,11 +355,12 @@ class OriginCheckedWebSocket(WebSocketResource):
             )
             return _json(request, 503 if busy else 429, {"error": refusal})
         result = super().render(request)
-        if request.channel.transport is None:
+        pending = getattr(request.channel, "requests", None)  # HTTP/1.1's channel
+        if result == NOT_DONE_YET and pending and request in pending:
             # Autobahn took the connection over: this request never
             # finishes, and in the channel's list it would keep the two in
             # a reference cycle (freed only by the cyclic garbage collector).
-            request.channel.requests.remove(request)
+            pending.remove(request)
         return result
 
 
