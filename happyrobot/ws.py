@@ -271,7 +271,10 @@ class CollabProtocol(WebSocketServerProtocol):
         ):
             data = self._text_frames(data)
         if data:
-            super().dataReceived(data)
+            # Autobahn's frame machine, without its Twisted adapter's
+            # dataReceived, which adds only a debug line whose arguments
+            # (hltype(), hlval()) it formats on every call, debug or not.
+            self._dataReceived(data)
         # Everything this read produced (one event or a burst, for every
         # recipient) is written now rather than on the next reactor turn:
         # still one send() per recipient per read, and no added latency.
