@@ -219,9 +219,15 @@ class CollabProtocol(WebSocketServerProtocol):
         # Autobahn's own frames (pings, pongs, close) take the same writer,
         # after whatever this connection has queued, so that bytes stay in
         # order.  Autobahn's debug logging of each write is skipped too.
-        writer = self._writer
-        if writer is None or sync or chopsize:
+        if sync or chopsize:
             super().sendData(data, sync, chopsize)
+            return
+        writer = self._writer
+        if writer is None:
+            # Before onOpen (the handshake's reply, or a refusal) and after
+            # the connection is lost: written as Autobahn's sendData would.
+            assert self.transport is not None
+            self.transport.write(data)
             return
         self.flush()
         writer.write(data, bounded=False)
