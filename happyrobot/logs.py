@@ -30,6 +30,10 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+# set_level() sets txaio's log level, which needs txaio's framework chosen
+# (Autobahn's Twisted modules choose it too, but this module may come first).
+txaio.use_twisted()
+
 _LEVELS = {
     "error": LogLevel.error,
     "warn": LogLevel.warn,
