@@ -47,7 +47,9 @@ def load_public_key(value: str) -> Any:
     escapes allowed, as platforms store multi-line secrets) or a file path.
     """
     text = value.replace("\\n", "\n").strip()
-    if not text.startswith("-----BEGIN") and os.path.exists(value):
+    if not text.startswith("-----BEGIN"):
+        if not os.path.isfile(value):
+            raise ValueError(f"no file {value[:80]!r}, and not PEM text (-----BEGIN PUBLIC KEY-----...)")
         with open(value, encoding="ascii") as f:
             text = f.read()
     from cryptography.hazmat.primitives.serialization import load_pem_public_key

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
@@ -39,7 +39,7 @@ SETTINGS = (
             "HTTP replies (CORS); * allows any"),
     Setting("LOG_LEVEL", "log-level", "info", "one of error, warn, info, debug"),
     Setting("NODE_ENV", "node-env", "development",
-            "development or production (production warns about open settings)"),
+            "development, production or test (production warns about open settings)"),
     Setting("REDIS_URL", "redis-url", "",
             "redis://[[user]:password@]host[:port][/db] shared by every instance of "
             "one deployment (empty: this process is the whole deployment)"),
@@ -61,7 +61,8 @@ SETTINGS = (
     Setting("SHUTDOWN_TIMEOUT", "shutdown-timeout", "10",
             "seconds to wait for WebSockets to close on SIGTERM before exiting"),
     Setting("API_TOKEN", "api-token", "",
-            "bearer token required by POST /broadcast and /stats (empty: open)"),
+            "bearer token required by POST /broadcast, /stats, /metrics and /dashboard "
+            "(empty: open)"),
     Setting("RATE_LIMIT_PER_SECOND", "rate-limit-per-second", "100",
             "messages a second one connection may send, sustained (0 = no limit)"),
     Setting("RATE_LIMIT_BURST", "rate-limit-burst", "200",
@@ -101,8 +102,8 @@ SETTINGS = (
             "how long a room's events are kept for resuming clients (v2)"),
     Setting("DRAIN_WINDOW_SECONDS", "drain-window-seconds", "5",
             "on SIGTERM, WebSockets are closed with 1001 spread over this many seconds "
-            "(reconnects then do not stampede the other instances); keep it below "
-            "SHUTDOWN_TIMEOUT"),
+            "(reconnects then do not stampede the other instances); below "
+            "SHUTDOWN_TIMEOUT (unset: at most half of it)"),
     Setting("PERMESSAGE_DEFLATE", "permessage-deflate", "false",
             "true accepts clients' permessage-deflate offers: events of 256 bytes or more "
             "are compressed, once per event (README, Performance)"),
@@ -210,8 +211,34 @@ def _port(value: str) -> str:
     raise ConfigError(f"PORT must be a number or an endpoint description, got {value!r}")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(entry: str) -> str:
+    """
+    One ALLOWED_ORIGINS entry as browsers write an C{Origin} header: scheme
+    and host in lower case, no default port, no trailing slash.
+    """
+    if entry in ("*", "null"):
+        return entry
+    parts = urlsplit(entry)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (not parts.scheme or not parts.hostname or port == -1 or parts.path not in ("", "/")
+            or parts.query or parts.fragment or parts.username or parts.password is not None):
+        raise ConfigError("ALLOWED_ORIGINS entries must look like https://app.example.com "
+                          f"or http://localhost:3000 (or be * or null), got {entry!r}")
+    scheme = parts.scheme.lower()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
 def _origins(value: str) -> tuple[str, ...]:
-    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    origins = tuple(_origin(o.strip()) for o in value.split(",") if o.strip())
     if not origins:
         raise ConfigError("ALLOWED_ORIGINS must name at least one origin (or *)")
     return origins
@@ -370,4 +397,14 @@ def load_config(
             continue  # unset or empty: the default, as `process.env.X || default` did
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
-    return Config(**values)  # type: ignore[arg-type]
+    config = Config(**values)  # type: ignore[arg-type]
+    drain, timeout = config.drain_window_seconds, config.shutdown_timeout_seconds
+    if "drain_window_seconds" not in values:
+        # The default window fits a shorter SHUTDOWN_TIMEOUT by itself.
+        return replace(config, drain_window_seconds=min(drain, timeout / 2))
+    if drain and drain >= timeout:
+        # The connections still waiting for their 1001 at the timeout
+        # would be dropped without one.
+        raise ConfigError(f"DRAIN_WINDOW_SECONDS ({drain:g}) must be below "
+                          f"SHUTDOWN_TIMEOUT ({timeout:g}), or 0")
+    return config

@@ -13,10 +13,11 @@ import os
 from collections import deque
 from typing import Any, Callable, Mapping
 
-from twisted.application import strports
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -43,14 +44,24 @@ class Options(usage.Options):
         "same variable in the .env file."
     )
     optParameters = [
-        [s.option, None, None, f"{s.help} [env {s.env}, default {s.default}]"]
+        [s.option, None, None, f"{s.help} [env {s.env}, default {s.default or 'unset'}]"]
         for s in SETTINGS
         if s.option != "conformance-echo"  # a bare flag, below
-    ] + [["env-file", None, ".env", "dotenv file read for variables not in the environment"]]
+    ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.environ = os.environ if environ is None else environ
+        self["env-file"] = ".env"
+        self._env_file_given = False
+
+    def opt_env_file(self, path: str) -> None:
+        """
+        dotenv file read for variables not in the environment (default .env,
+        skipped when missing; a file named here must exist; empty: none)
+        """
+        self["env-file"] = path
+        self._env_file_given = bool(path)
 
     def opt_conformance_echo(self) -> None:
         """Serve /echo for the Autobahn|Testsuite [env CONFORMANCE_ECHO, default false]"""
@@ -65,10 +76,42 @@ class Options(usage.Options):
         """
         dotenv = {}
         path = self["env-file"]
-        if path and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                dotenv = parse_dotenv(f.read())
+        if path and (self._env_file_given or os.path.exists(path)):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    dotenv = parse_dotenv(f.read())
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--env-file {path}: {getattr(e, 'strerror', None) or e}") from None
         return load_config(self, self.environ, dotenv)
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    The server's port.  One that cannot be bound (in use, no permission)
+    stops start-up with one line instead of a traceback, or instead of
+    running without a port.
+    """
+
+    _raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"happyrobot-ws: PORT: {e}") from None
+
+
+def listening_service(description: str, site: Any, reactor: Any) -> ListeningService:
+    """
+    The L{ListeningService} for PORT's endpoint C{description}.
+
+    @raise ConfigError: when C{description} is not a valid endpoint.
+    """
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"PORT is not a valid endpoint description ({description!r}: {e})") from None
+    return ListeningService(endpoint, site)
 
 
 class DrainService(MultiService):
@@ -254,6 +297,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             if port == 0:
                 raise ConfigError("PORT: workers need a fixed port, not 0")
         factory = build_factory(config, reactor)
+        listener = None if multi else listening_service(config.port, make_site(factory), reactor)
     except ConfigError as e:
         # One line naming the variable, as twistd users expect from a bad flag.
         raise SystemExit(f"happyrobot-ws: {e}") from None
@@ -277,11 +321,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             pool = workers.WorkerPool(reactor, config.workers, workers.child_argv())
             pool.setServiceParent(service)
     else:
-        # strports.service makes a port that cannot be bound (in use, no
-        # permission) stop start-up with an error instead of running portless.
-        strports.service(config.port, make_site(factory), reactor=reactor).setServiceParent(
-            service
-        )
+        assert listener is not None
+        listener.setServiceParent(service)
     metrics_sampler(factory, reactor).setServiceParent(service)
     if isinstance(factory.bus, LocalBus):
         sweeper = TimerService(HISTORY_SWEEP_SECONDS, _logged(factory.bus.sweep))
@@ -290,6 +331,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     service.factory = factory  # type: ignore[attr-defined]
     if config.production and "*" in config.allowed_origins:
         log.warn("ALLOWED_ORIGINS is * in production: any web site may open WebSockets here")
+    if config.node_env not in ("development", "production", "test"):
+        log.warn("NODE_ENV is {env!r}, not development, production or test: it is treated "
+                 "as development (no warnings about open settings)", env=config.node_env)
     if config.conformance_echo:
         log.warn("conformance mode (CONFORMANCE_ECHO) is on: /echo echoes every message; "
                  "use it only to run the Autobahn|Testsuite, never in production")

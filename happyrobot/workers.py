@@ -70,8 +70,12 @@ class ReusePortService(Service):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((interface, port))
-            sock.listen(1024)
+            try:
+                sock.bind((interface, port))
+                sock.listen(1024)
+            except OSError as e:
+                raise SystemExit(f"happyrobot-ws: PORT: cannot listen on {interface or '*'}:{port}: "
+                                 f"{e.strerror or e}") from None
             sock.setblocking(False)
             self._port = self._reactor.adoptStreamPort(sock.fileno(), family, self._factory)
         finally:

@@ -643,6 +643,11 @@ class CollabFactory(WebSocketServerFactory):
             # dropping the TCP connection silently.
             failByDrop=False,
             webStatus=False,
+            # Origins are checked before Autobahn sees the handshake
+            # (web.OriginCheckedWebSocket, 403); setProtocolOptions would
+            # otherwise switch its own refusal of "Origin: null" on (400),
+            # whatever ALLOWED_ORIGINS says.
+            allowNullOrigin=True,
             perMessageCompressionAccept=(
                 _accept_deflate(config.max_message_bytes) if config.permessage_deflate
                 else lambda offers: None

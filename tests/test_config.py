@@ -184,6 +184,8 @@ class SettingsTests(SynchronousTestCase):
             raw, expected = values[0]
             cfg = load_config({}, {env: raw})
             self.assertEqual(getattr(cfg, field), expected, env)
+            if env == "SHUTDOWN_TIMEOUT":  # the unset drain window follows it (DrainWindowTests)
+                cfg = dataclasses.replace(cfg, drain_window_seconds=Config().drain_window_seconds)
             self.assertEqual(
                 dataclasses.replace(cfg, **{field: getattr(Config(), field)}), Config(), env
             )
@@ -601,6 +603,25 @@ class OriginsTests(SynchronousTestCase):
                 value,
             )
 
+    def test_written_as_browsers_send_them(self) -> None:
+        """Entries are normalised as an Origin header: lower case, no default port."""
+        cfg = load_config({}, {"ALLOWED_ORIGINS":
+                               "HTTP://LocalHost:3000/, https://A.example.com:443, http://b:80,"
+                               " https://c:8443, http://[::1]:3000, null"})
+        self.assertEqual(cfg.allowed_origins, ("http://localhost:3000", "https://a.example.com",
+                                               "http://b", "https://c:8443", "http://[::1]:3000",
+                                               "null"))
+        self.assertTrue(cfg.origin_allowed("https://a.example.com"))
+        self.assertTrue(cfg.origin_allowed("null"))
+
+    def test_not_an_origin_refused(self) -> None:
+        """Something that is not scheme://host[:port] (or * or null) is refused with one line."""
+        for value in ("localhost:4000", "app.example.com", "https://a.example/app",
+                      "https://a.example?x=1", "https://user@a.example", "http://a:99999", "http://"):
+            text = _error(self, "ALLOWED_ORIGINS", value)
+            self.assertIn("ALLOWED_ORIGINS entries must look like https://", text)
+            self.assertIn(repr(value), text)
+
     def test_default_origin(self) -> None:
         """By default only http://localhost:3000 is allowed."""
         cfg = Config()
@@ -718,3 +739,28 @@ class ParseDotenvTests(SynchronousTestCase):
     def test_crlf(self) -> None:
         """Windows line endings are handled."""
         self.assertEqual(parse_dotenv("A=1\r\nB=2\r\n"), {"A": "1", "B": "2"})
+
+
+class DrainWindowTests(SynchronousTestCase):
+    """DRAIN_WINDOW_SECONDS must end before SHUTDOWN_TIMEOUT."""
+
+    def test_window_at_or_past_timeout_refused(self) -> None:
+        """A window that reaches the timeout would drop clients without their 1001."""
+        for drain, timeout in (("30", "5"), ("10", "10"), ("5", "0")):
+            e = self.assertRaises(ConfigError, load_config, {},
+                                  {"DRAIN_WINDOW_SECONDS": drain, "SHUTDOWN_TIMEOUT": timeout})
+            self.assertEqual(str(e), f"DRAIN_WINDOW_SECONDS ({drain}) must be below "
+                                     f"SHUTDOWN_TIMEOUT ({timeout}), or 0")
+
+    def test_window_below_timeout_or_zero_accepted(self) -> None:
+        """A shorter window, or none, is fine."""
+        cfg = load_config({}, {"DRAIN_WINDOW_SECONDS": "9.5", "SHUTDOWN_TIMEOUT": "10"})
+        self.assertEqual((cfg.drain_window_seconds, cfg.shutdown_timeout_seconds), (9.5, 10))
+        cfg = load_config({}, {"DRAIN_WINDOW_SECONDS": "0", "SHUTDOWN_TIMEOUT": "0"})
+        self.assertEqual((cfg.drain_window_seconds, cfg.shutdown_timeout_seconds), (0, 0))
+
+    def test_default_window_fits_a_short_timeout(self) -> None:
+        """Unset, the window is 5 s, or half of a SHUTDOWN_TIMEOUT below 10 s."""
+        for timeout, window in (("10", 5), ("30", 5), ("4", 2), ("0", 0)):
+            cfg = load_config({}, {"SHUTDOWN_TIMEOUT": timeout})
+            self.assertEqual(cfg.drain_window_seconds, window, timeout)

@@ -5,6 +5,7 @@ itself, shutdown, and the auto-ping that drops dead peers.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import txaio
@@ -75,6 +76,57 @@ class OptionsTests(SynchronousTestCase):
                               options(["--log-level", "loud"]), MemoryReactorClock())
         self.assertIn("LOG_LEVEL", str(e.code))
 
+    def test_bad_endpoint_stops_with_one_line(self) -> None:
+        """A PORT endpoint description Twisted cannot parse stops start-up naming PORT."""
+        for value in ("tcp:abc", "foo:bar"):
+            e = self.assertRaises(SystemExit, makeService, options(environ={"PORT": value}),
+                                  MemoryReactorClock())
+            self.assertIn("happyrobot-ws: PORT is not a valid endpoint description", str(e.code))
+            self.assertIn(repr(value), str(e.code))
+            self.assertNotIn("\n", str(e.code))
+
+    def test_port_in_use_stops_with_one_line(self) -> None:
+        """A port that cannot be bound stops start-up with one line naming PORT."""
+        from twisted.internet import reactor
+
+        from twisted.web.server import Site
+        from twisted.web.resource import Resource
+
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        service = makeService(options(environ={"PORT": f"tcp:{port}:interface=127.0.0.1"}), reactor)
+        e = self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertTrue(str(e.code).startswith("happyrobot-ws: PORT: "), e.code)
+        self.assertIn(str(port), str(e.code))
+        self.assertIn("Address already in use", str(e.code))
+        self.assertNotIn("\n", str(e.code))
+
+    def test_named_env_file_must_exist(self) -> None:
+        """--env-file naming a missing file is an error; the default .env may be absent."""
+        o = Options(environ={})
+        o.parseOptions(["--env-file", "/nonexistent/happyrobot.env"])
+        e = self.assertRaises(SystemExit, makeService, o, MemoryReactorClock())
+        self.assertEqual(str(e.code), "happyrobot-ws: --env-file /nonexistent/happyrobot.env: "
+                                      "No such file or directory")
+        empty = self.mktemp()
+        os.makedirs(empty)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(empty)
+        self.assertEqual(Options(environ={}).config().port, "tcp:3001")
+
+    def test_unknown_node_env_warns(self) -> None:
+        """A NODE_ENV other than development, production or test is named in a warning."""
+        with capturedLogs() as captured:
+            makeService(options(environ={"NODE_ENV": "prod"}), MemoryReactorClock())
+        warnings = [e for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["env"], "prod")
+        with capturedLogs() as captured:
+            for env in ("development", "test"):
+                makeService(options(environ={"NODE_ENV": env}), MemoryReactorClock())
+        self.assertEqual([e for e in captured if e["log_level"] == LogLevel.warn], [])
+
     def test_make_service_listens_on_port_when_started(self) -> None:
         """makeService binds nothing until started, then listens on the configured port."""
         reactor = MemoryReactorClock()
@@ -131,6 +183,15 @@ class OptionsTests(SynchronousTestCase):
                               MemoryReactorClock())
         self.assertIn("JWT_PUBLIC_KEY", str(e.code))
         self.assertNotIn("\n", str(e.code))
+
+    def test_missing_public_key_file_named(self) -> None:
+        """A JWT_PUBLIC_KEY path that does not exist is reported as a missing file."""
+        e = self.assertRaises(SystemExit, makeService,
+                              options(environ={"JWT_PUBLIC_KEY": "/nonexistent/key.pem"}),
+                              MemoryReactorClock())
+        self.assertEqual(str(e.code), "happyrobot-ws: JWT_PUBLIC_KEY is not a PEM public key or "
+                                      "its path (no file '/nonexistent/key.pem', and not PEM text "
+                                      "(-----BEGIN PUBLIC KEY-----...))")
 
 
 class SilentClient(WebSocketClientProtocol):

@@ -64,6 +64,19 @@ class ConnectionTests(ServerTestCase):
         c = await self.connect(origin=None)
         self.assertTrue(c.client_id)
 
+    async def test_null_origin_allowed_when_listed(self) -> None:
+        """A page opened from a file (Origin: null) connects when null is listed."""
+        self.start_server(allowed_origins=("http://localhost:3000", "null"))
+        c = await self.connect(origin="null")
+        self.assertTrue(c.client_id)
+
+    async def test_null_origin_refused_unless_listed(self) -> None:
+        """Origin: null is refused like any other origin that is not listed."""
+        self.start_server()
+        refused = await self.connect(origin="null", expect_open=False)
+        await self.assertFailure(refused.opened, ConnectionError)
+        self.assertEqual(self.factory.connections, {})
+
     async def test_star_allows_any_origin(self) -> None:
         """ALLOWED_ORIGINS=* lets any browser origin connect."""
         self.start_server(allowed_origins=("*",))
