@@ -573,12 +573,16 @@ class _RedisClientFactory(Factory):
         select_db: bool,
         ready: Callable[[Any], None],
         lost: Callable[[Any], None],
+        reactor: Any,
+        reply_timeout: float,
     ) -> None:
         self.protocol_class = protocol_class
         self.address = address
         self.select_db = select_db
         self.ready = ready
         self.lost = lost
+        self.reactor = reactor
+        self.reply_timeout = reply_timeout
 
     def buildProtocol(self, addr: Any) -> Any:
         a = self.address
@@ -588,7 +592,13 @@ class _RedisClientFactory(Factory):
             password=a.password,
             username=a.username,
             dbid=a.db if self.select_db and a.db else None,
+            # A Redis that stops answering (hung, or cut off by a network
+            # partition, with the TCP connection still open) fails the
+            # command and drops the connection after this long, as if it
+            # had closed: the bus reports it and reconnects.
+            replyTimeout=self.reply_timeout,
         )
+        proto.callLater = self.reactor.callLater  # txredisapi's own timer: the global reactor
         proto.factory = self
         return proto
 
@@ -697,14 +707,19 @@ def _protocol_classes() -> tuple[type, type]:
     def ready_when_connected(proto: Any, d: Deferred[Any]) -> Deferred[Any]:
         # txredisapi's connectionMade authenticates and selects the database
         # before the connection is usable; _ready says whether it got there.
-        def report(_: object) -> None:
-            if proto._ready:
-                try:
-                    proto.factory.ready(proto)
-                except Exception:
-                    log.failure("error setting up a Redis connection")
+        # Then Redis must answer a PING: the kernel of a hung Redis still
+        # accepts connections.
+        def answered(_: object) -> None:
+            try:
+                proto.factory.ready(proto)
+            except Exception:
+                log.failure("error setting up a Redis connection")
 
-        return d.addCallback(report)
+        def ping(_: object) -> None:
+            if proto._ready:
+                proto.ping().addCallbacks(answered, lambda f: None)  # lost: reconnecting
+
+        return d.addCallback(ping)
 
     class CommandProtocol(txredisapi.RedisProtocol):
         def connectionMade(self) -> Deferred[Any]:
@@ -786,7 +801,13 @@ class RedisBus(Service):
     operationId is not delivered twice): an event delivered locally
     without a seq would either be missing from the history or make a gap
     that no one could fill.  Presence is still announced to our own
-    members.  On reconnection the scripts are loaded again (and once more
+    members.  A Redis that keeps the connections open but stops
+    answering (hung, or cut off by a partition) is found by the reply
+    timeout, half of C{instance_ttl}: a command it does not answer in
+    time, or the PING that each heartbeat sends on the subscriber
+    connection, fails, and the connection is dropped as if Redis had
+    closed it.  A new connection is used once Redis has answered a PING
+    on it.  On reconnection the scripts are loaded again (and once more
     on NOSCRIPT), every room with local members is subscribed again
     (txredisapi keeps no list of subscriptions) and caught up as above,
     and our presence is registered again.
@@ -813,6 +834,10 @@ class RedisBus(Service):
         self.instance_id = instance_id or new_instance_id()
         self._instance = self.instance_id.encode("utf-8")
         self.instance_ttl = instance_ttl
+        #: How long Redis may take to answer a command before the link
+        #: counts as lost (half of C{instance_ttl}: by then our own
+        #: heartbeat key would be at risk anyway).
+        self.reply_timeout = instance_ttl / 2
         #: Backoff between reconnection attempts (tests shorten it).
         self.reconnect_initial_delay = reconnect_initial_delay
         self.reconnect_max_delay = reconnect_max_delay
@@ -1168,11 +1193,14 @@ class RedisBus(Service):
         """Start connecting (and reconnecting, with backoff) to Redis."""
         super().startService()
         command_class, subscriber_class = _protocol_classes()
+        timeout = self.reply_timeout
         commands = _RedisClientFactory(
-            command_class, self._address, True, self._commands_ready, self._commands_lost
+            command_class, self._address, True, self._commands_ready, self._commands_lost,
+            self._reactor, timeout,
         )
         subscriber = _RedisClientFactory(
-            subscriber_class, self._address, False, self._subscriber_ready, self._subscriber_lost
+            subscriber_class, self._address, False, self._subscriber_ready, self._subscriber_lost,
+            self._reactor, timeout,
         )
         subscriber.message = self._message  # type: ignore[attr-defined]
         subscriber.read_done = lambda: self.on_read_done()  # type: ignore[attr-defined]
@@ -1275,9 +1303,12 @@ class RedisBus(Service):
                 self._forget(Deferred.fromCoroutine(self._beat(reregister=True)))
             self._changed()
             return
-        if self.running:
+        if self.running and self._commands is None:
             log.error("Redis link lost: events are refused (UNAVAILABLE) until it is back, "
                       "then the missed ones are delivered from the rooms' history")
+        elif self.running:
+            log.error("Redis subscription lost: events are stored but reach this instance's "
+                      "members only once it is back, from the rooms' history")
         # What waited for a SUBSCRIBE will not reach Redis now: local members get it.
         for channel in self._channels.values():
             backlog, channel.backlog = channel.backlog, []
@@ -1490,6 +1521,12 @@ class RedisBus(Service):
         """
         if not (self.healthy and self.running):
             return
+        # The subscriber connection only receives; a PING shows that Redis
+        # still answers it (or fails it after the reply timeout).
+        try:
+            self._forget(self._subscriber.ping())
+        except Exception:
+            pass  # the connection is going: its connectionLost reports it
         try:
             previous = await self._command(
                 "SET", instance_key(self._instance), orjson.dumps(self._snapshot()),
@@ -1503,7 +1540,9 @@ class RedisBus(Service):
                 self._reregister()
             await self._reap()
         except Exception:
-            if self.healthy:
+            # A lost or unanswering link (txredisapi's ConnectionError and
+            # its TimeoutError) is reported by _link_changed.
+            if self.healthy and not Failure().check("txredisapi.ConnectionError"):
                 log.failure("Redis heartbeat failed")
 
     def _keep_seqs(self) -> None:

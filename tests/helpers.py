@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -307,8 +308,22 @@ class RedisServer:
     async def stop(self) -> None:
         """Stop the server (SIGTERM) and wait until it has exited."""
         if self.process is not None and not self.process.ended.called:
+            self.resume()  # a paused process would not act on the TERM
             self._transport.signalProcess("TERM")
             await self.process.ended
+
+    def pause(self) -> None:
+        """
+        Freeze the server (SIGSTOP): its connections stay open and the
+        kernel still accepts new ones, but nothing is answered, as with a
+        hung Redis or a network partition.
+        """
+        self._transport.signalProcess(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT)."""
+        if self.process is not None and not self.process.ended.called:
+            self._transport.signalProcess(signal.SIGCONT)
 
     async def command(self, *args: Any) -> Any:
         """Run one Redis command on a fresh connection and return the reply."""

@@ -22,6 +22,7 @@ from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from happyrobot import bus as bus_module
 from happyrobot.bus import (
     EVENT,
     LocalBus,
@@ -468,6 +469,56 @@ class RedisFaultTests(RedisTestCase):
             if msg["type"] == "RESYNC_REQUIRED":  # a1 sent op-back, so its first is this
                 msg = await next_event(c)
             self.assertEqual(msg["operationId"], "op-marker")
+
+    async def test_hung_redis_counts_as_lost(self) -> None:
+        """
+        A Redis that stops answering but keeps its connections open (here
+        SIGSTOP) counts as lost after the reply timeout, half of
+        INSTANCE_TTL: the event waiting on it gets UNAVAILABLE and /health
+        says degraded, and new connections (which the kernel still accepts)
+        are not used until Redis answers a PING.  Once it answers again,
+        events flow.
+        """
+        built: list[Any] = []
+        rebuilt: Deferred[None] = Deferred()
+        build = bus_module._RedisClientFactory.buildProtocol
+
+        def counting(factory: Any, addr: Any) -> Any:
+            built.append(factory)
+            if len(built) == 6 and not rebuilt.called:
+                rebuilt.callback(None)
+            return build(factory, addr)
+
+        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        redis = await self.start_redis()
+        a = await self.start_node(redis, instance_ttl_seconds=1.0)  # 0.5 s reply timeout
+        self.assertEqual((a.bus.reply_timeout, len(built)), (0.5, 2))
+        a1 = await a.joined("p1", "user_a1")
+        a2 = await a.joined("p1", "user_a2")
+        await a.settled()
+
+        redis.pause()
+        a1.send_json(dict(event("op-hung"), ack=True))
+        err = await a1.next_of("ERROR")
+        self.assertEqual((err["code"], err["operationId"]), ("UNAVAILABLE", "op-hung"))
+        await a.bus.when(lambda: not a.bus.healthy)
+        # Both connections reconnected twice: the kernel accepted them, but
+        # no PING was answered, so none was used.
+        await rebuilt
+        self.assertFalse(a.bus.healthy)
+        status, body, _ = await a.http("GET", "/health")
+        self.assertEqual((status, body["status"]), (503, "degraded"))
+
+        redis.resume()
+        await a.settled()
+        status, body, _ = await a.http("GET", "/health")
+        self.assertEqual((status, body["status"]), (200, "healthy"))
+        a1.send_json(event("op-back"))
+        # op-hung may have been stored before Redis froze: then it comes first.
+        seen = [await next_event(a2)]
+        if seen[0]["operationId"] == "op-hung":
+            seen.append(await next_event(a2))
+        self.assertEqual(seen[-1]["operationId"], "op-back")
 
     async def test_starts_without_redis(self) -> None:
         """An instance whose Redis is not up yet refuses events (UNAVAILABLE), then connects."""
