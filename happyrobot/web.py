@@ -19,7 +19,7 @@ from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.http import CACHED
+from twisted.web.http import CACHED, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -410,17 +410,64 @@ class BoundedRequest(Request):
         super().handleContentChunk(data)
 
 
+class DeadlineChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel whose client has the site's timeout
+    (HANDSHAKE_TIMEOUT) to send each request whole, counted from when the
+    channel starts waiting for it; past it the socket is dropped.
+    Twisted's own timeout only bounds the silence between two reads, so a
+    client trickling a byte at a time (slowloris) would hold a socket for
+    ever, before any connection limit counts it.
+    """
+
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def allContentReceived(self) -> None:
+        self._disarm()  # in time; the request is handled (or upgraded) now
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        if not self.requests:
+            self._arm()  # keep-alive: the next request has the same time
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        if self.timeOut and self._deadline is None:
+            self._deadline = self.callLater(self.timeOut, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()  # type: ignore[union-attr]  # a TCP transport
+
+
 class QuietSite(Site):
     """A Site that access-logs at debug only, and never ``/health`` probes."""
 
     requestFactory = BoundedRequest
+    # Plain HTTP/1.1 (WebSocket upgrades need it; HTTP/2 would need TLS),
+    # with a deadline per request.
+    protocol = DeadlineChannel  # type: ignore[assignment]
 
     def __init__(
         self, resource: Resource, max_body_bytes: int, timeout: float, reactor: Any = None
     ) -> None:
-        # The idle timeout also bounds how long a socket may sit before
-        # sending its HTTP request (Twisted suspends it while a request is
-        # handled, so upgraded WebSockets are not affected).
+        # Twisted's idle timeout (the same time) also applies; it is
+        # suspended while a request is handled, so upgraded WebSockets are
+        # not affected.
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
 

@@ -36,6 +36,8 @@ log = logs.get_logger(__name__)
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+OPCODE_CLOSE = 8
+OPCODE_PONG = 10
 #: Frames a client may send while one of its requests waits on the back end.
 MAX_BACKLOG = 64
 
@@ -230,7 +232,9 @@ class CollabProtocol(WebSocketServerProtocol):
             self.transport.write(data)
             return
         self.flush()
-        writer.write(data, bounded=False)
+        # A pong answers the client's ping: one that pings without reading
+        # is a slow reader like any other (closed with 1013 past the bound).
+        writer.write(data, bounded=data[0] & 0x0F == OPCODE_PONG)
 
     def _close(self, code: int, reason: str) -> None:
         """
@@ -328,6 +332,21 @@ class CollabProtocol(WebSocketServerProtocol):
             finally:
                 flusher.direct = False
         return data[used:]
+
+    def onFrameBegin(self) -> None:
+        # Frames that are not a whole message (pings, pongs, the fragments
+        # of a message before its last) cost the rate limit too: a flood of
+        # tiny ones would otherwise cost CPU that every other client waits
+        # for.  Whole messages are counted in onMessage.
+        frame = self.current_frame
+        if (self._bucket is not None and frame.opcode != OPCODE_CLOSE
+                and (frame.opcode > 7 or not frame.fin)
+                and not self._bucket.take(self.factory.clock.seconds())
+                and self._bucket.abusive and not self._closed()):
+            log.warn("{client_id} kept sending frames past its rate limit; closing with 1008",
+                     client_id=self.client_id)
+            self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
+        super().onFrameBegin()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._closed():

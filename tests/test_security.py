@@ -5,9 +5,12 @@ token, the rate limit, the room and connection caps and the slow-reader bound.
 
 from __future__ import annotations
 
+import socket
+
 from typing import Any
 
 import txaio
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.security import (
@@ -151,6 +154,39 @@ class LimitTests(ServerTestCase):
             a.send_json({"type": "TASK_UPDATE", "projectId": "p1", "payload": {}})
         self.assertEqual(await a.closed, 1008)
 
+    async def test_ping_flood_then_1008(self) -> None:
+        """Pings cost the rate limit too: a client that floods them is closed with 1008."""
+        self.start_server(rate_limit_per_second=0.001, rate_limit_burst=5)
+        a = await self.joined("p1", "user_a")
+        for _ in range(20):
+            a.sendPing()
+        self.assertEqual(await a.closed, 1008)
+
+    async def test_fragment_flood_then_1008(self) -> None:
+        """
+        So do the fragments of a message: empty continuation frames that
+        never finish a message (and so never reach MAX_MESSAGE_BYTES) are
+        closed with 1008.
+        """
+        self.start_server(rate_limit_per_second=0.001, rate_limit_burst=5)
+        a = await self.joined("p1", "user_a")
+        a.sendFrame(opcode=1, payload=b"", fin=False)
+        for _ in range(20):
+            a.sendFrame(opcode=0, payload=b"", fin=False)
+        self.assertEqual(await a.closed, 1008)
+
+    async def test_pings_within_the_limit_are_answered(self) -> None:
+        """A client that pings now and then gets its pongs and stays connected."""
+        self.start_server(rate_limit_per_second=0.001, rate_limit_burst=6)
+        a = await self.joined("p1", "user_a")  # SET_USER + JOIN used 2 tokens
+        pongs: list[bytes] = []
+        a.onPong = pongs.append  # type: ignore[method-assign]
+        for i in range(3):
+            a.sendPing(b"%d" % i)
+        await self.round_trip(a)  # the probe takes the last token; its answer follows the pongs
+        self.assertEqual(pongs, [b"0", b"1", b"2"])
+        self.assertIsNone(a.close_code)
+
     async def test_max_rooms(self) -> None:
         """A connection cannot join more rooms than MAX_ROOMS_PER_CONNECTION."""
         self.start_server(max_rooms_per_connection=2)
@@ -231,6 +267,36 @@ class SlowReaderTests(ServerTestCase):
         self.assertEqual(self.factory.registry.member_count("p1"), 2)
 
 
+class PingFloodTests(ServerTestCase):
+    """A client that pings without reading is a slow reader like any other."""
+
+    async def test_pongs_bounded_by_max_buffer_bytes(self) -> None:
+        """Its pongs are bounded by MAX_BUFFER_BYTES; past it, it is closed with 1013."""
+        self.start_server(max_buffer_bytes=16 * 1024, rate_limit_per_second=0)
+        pinger = await self.joined("p1", "user_pinger")
+        proto = self.factory.connections[pinger.client_id]
+        # Small socket buffers, so that pongs pile up in Twisted's buffer soon.
+        proto.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pinger.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer = proto.outlet
+        overflowed: Deferred[None] = Deferred()
+        overflow = writer._on_overflow
+
+        def noted() -> None:
+            if not overflowed.called:
+                overflowed.callback(None)
+            overflow()
+
+        writer._on_overflow = noted  # type: ignore[method-assign]
+        pinger.transport.pauseProducing()  # stop reading from the socket
+        for _ in range(20_000):  # 2.5 MB of pongs to answer
+            pinger.sendPing(b"p" * 125)
+        await overflowed
+        self.assertLess(writer.buffered, 16 * 1024 + 1024)
+        pinger.transport.resumeProducing()  # it reads its backlog, then the close
+        self.assertEqual(await pinger.closed, 1013)
+
+
 class JoinStormTests(ServerTestCase):
     """Presence coalescing keeps a join storm from tripping the slow-reader bound."""
 
@@ -293,3 +359,44 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
         clock.advance(5.1)
         self.assertTrue(transport.disconnecting)
+
+    def test_trickled_request_closed(self) -> None:
+        """
+        A client that trickles its request a byte at a time (slowloris) is
+        cut off at the timeout too, although it is never silent for long.
+        """
+        clock, proto, transport = self.server(5)
+        request = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n" + b"X-Pad: " + b"a" * 100
+        for i in range(len(request)):
+            if transport.disconnecting:
+                break
+            proto.dataReceived(request[i:i + 1])
+            clock.advance(0.5)
+        self.assertEqual(i, 10)  # cut at 5 s, after 10 bytes
+        self.assertTrue(transport.disconnected)  # aborted, not waiting on the client
+
+    def test_upgraded_socket_kept(self) -> None:
+        """A handshake sent in time becomes a WebSocket that the deadline no longer touches."""
+        clock, proto, transport = self.server(5)
+        transport.protocol = proto  # as a TCP transport has, for the upgrade to replace
+        proto.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+
+    def test_next_keep_alive_request_has_its_deadline(self) -> None:
+        """After a response, the next request on the connection has the same time again."""
+        clock, proto, transport = self.server(5)
+        clock.advance(4)
+        proto.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        proto.dataReceived(b"GET /health HTTP/1.1\r\n")
+        for _ in range(9):
+            clock.advance(0.5)
+            proto.dataReceived(b"X: y\r\n")
+        self.assertFalse(transport.disconnecting)  # 4.5 s into the second request
+        clock.advance(0.6)
+        self.assertTrue(transport.disconnected)
