@@ -100,6 +100,10 @@ SETTINGS = (
             "events kept per room for clients resuming with since (v2)"),
     Setting("HISTORY_TTL_SECONDS", "history-ttl-seconds", "300",
             "how long a room's events are kept for resuming clients (v2)"),
+    Setting("HISTORY_MAX_BYTES", "history-max-bytes", "1048576",
+            "bytes of events kept per room for resuming clients (v2)"),
+    Setting("HISTORY_TOTAL_BYTES", "history-total-bytes", "67108864",
+            "bytes of events kept for resuming clients across all rooms (v2)"),
     Setting("DRAIN_WINDOW_SECONDS", "drain-window-seconds", "5",
             "on SIGTERM, WebSockets are closed with 1001 spread over this many seconds "
             "(reconnects then do not stampede the other instances); below "
@@ -151,6 +155,8 @@ class Config:
     workers: int = 1
     history_size: int = 1000
     history_ttl_seconds: float = 300.0
+    history_max_bytes: int = 1048576
+    history_total_bytes: int = 67108864
     drain_window_seconds: float = 5.0
 
     @property
@@ -366,6 +372,11 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "HISTORY_SIZE": ("history_size", lambda v: int(_number("HISTORY_SIZE", v, 1, True))),
     "HISTORY_TTL_SECONDS": ("history_ttl_seconds",
                             lambda v: _number("HISTORY_TTL_SECONDS", v, 1)),
+    # At least one event of the largest size a client may send.
+    "HISTORY_MAX_BYTES": ("history_max_bytes",
+                          lambda v: int(_number("HISTORY_MAX_BYTES", v, 65536, True))),
+    "HISTORY_TOTAL_BYTES": ("history_total_bytes",
+                            lambda v: int(_number("HISTORY_TOTAL_BYTES", v, 65536, True))),
     "DRAIN_WINDOW_SECONDS": ("drain_window_seconds",
                              lambda v: _number("DRAIN_WINDOW_SECONDS", v, 0)),
     "CONFORMANCE_ECHO": ("conformance_echo", lambda v: _bool("CONFORMANCE_ECHO", v)),
@@ -398,6 +409,9 @@ def load_config(
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
     config = Config(**values)  # type: ignore[arg-type]
+    if config.history_max_bytes > config.history_total_bytes:
+        raise ConfigError(f"HISTORY_MAX_BYTES ({config.history_max_bytes}) must not exceed "
+                          f"HISTORY_TOTAL_BYTES ({config.history_total_bytes})")
     drain, timeout = config.drain_window_seconds, config.shutdown_timeout_seconds
     if "drain_window_seconds" not in values:
         # The default window fits a shorter SHUTDOWN_TIMEOUT by itself.

@@ -7,13 +7,23 @@ Sequence numbers grow by one per event and room.  A room's first number is
 the time in milliseconds when its history began, so that numbers from
 before a restart (whose history is gone) are always lower than the new
 ones: a client resuming with an old C{since} is told to resync instead of
-mistaking new events for the ones it missed.
+mistaking new events for the ones it missed.  Within the process a new
+history also starts above every number of the histories it has dropped
+(swept or evicted), even for a room whose numbers ran ahead of the clock.
+
+Memory is bounded per room (count, age, bytes) and across all rooms
+(bytes: the histories of the rooms least recently appended to are
+dropped); a history is kept only from its room's first event, so reading
+a room that has none stores nothing.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import sys
+from collections import OrderedDict, deque
+from functools import partial
 from itertools import islice
+from typing import Callable
 
 #: (user id, operation id): the key under which a retried event is recognised.
 OpKey = tuple[str, str]
@@ -27,14 +37,27 @@ def with_seq(event: bytes, seq: int) -> bytes:
 class RoomHistory:
     """
     The sequence counter and the recent events of one room, bounded by
-    count and by age, with the operation ids of acknowledged events so a
-    retry is recognised while its event is still in the history.
+    count, by age and by bytes, with the operation ids of acknowledged
+    events so a retry is recognised while its event is still in the history.
     """
 
-    def __init__(self, first_seq: int, max_events: int, max_age_seconds: float) -> None:
+    def __init__(
+        self,
+        first_seq: int,
+        max_events: int,
+        max_age_seconds: float,
+        max_bytes: int = sys.maxsize,
+    ) -> None:
         self.seq = first_seq - 1  # the last number given out
+        #: The bytes of the kept events (with their ``seq``).
+        self.bytes = 0
+        #: Called with each change of C{bytes}, and after each new event is
+        #: kept (L{Histories} sets both).
+        self.on_bytes: Callable[[int], None] | None = None
+        self.on_append: Callable[[], None] | None = None
         self._max_events = max_events
         self._max_age = max_age_seconds
+        self._max_bytes = max_bytes
         self._events: deque[tuple[int, float, bytes]] = deque()
         self._ops: dict[OpKey, int] = {}
 
@@ -53,9 +76,12 @@ class RoomHistory:
         self.seq += 1
         data = with_seq(event, self.seq)
         self._events.append((self.seq, now, data))
+        self._kept(len(data))
         if op_key is not None:
             self._ops[op_key] = self.seq
         self.trim(now)
+        if self.on_append is not None:
+            self.on_append()
         return self.seq, data
 
     def since(self, seq: int, now: float) -> list[bytes] | None:
@@ -72,11 +98,16 @@ class RoomHistory:
         return [data for _, _, data in islice(self._events, seq + 1 - oldest, None)]
 
     def trim(self, now: float) -> None:
-        """Forget events beyond the count bound or older than the age bound."""
+        """Forget the oldest events beyond the count or byte bound, or older than the age bound."""
         events = self._events
         cutoff = now - self._max_age
-        while events and (len(events) > self._max_events or events[0][1] < cutoff):
-            events.popleft()
+        size = self.bytes
+        while events and (
+            len(events) > self._max_events or size > self._max_bytes or events[0][1] < cutoff
+        ):
+            size -= len(events.popleft()[2])
+        if size != self.bytes:
+            self._kept(size - self.bytes)
         if self._ops:
             oldest = events[0][0] if events else self.seq + 1
             for key in list(self._ops):  # in insertion order, so oldest first
@@ -84,25 +115,72 @@ class RoomHistory:
                     break
                 del self._ops[key]
 
+    def _kept(self, change: int) -> None:
+        self.bytes += change
+        if self.on_bytes is not None:
+            self.on_bytes(change)
+
     @property
     def empty(self) -> bool:
         return not self._events
 
 
 class Histories:
-    """Every room's L{RoomHistory}, made on first use and dropped once empty."""
+    """
+    Every room's L{RoomHistory}: made on first use, kept from its first
+    event, and dropped once empty (L{sweep}) or to keep the bytes of all
+    rooms within C{max_total_bytes}: then the histories of the rooms least
+    recently appended to are dropped, never the one being appended to.
+    """
 
-    def __init__(self, max_events: int, max_age_seconds: float) -> None:
+    def __init__(
+        self,
+        max_events: int,
+        max_age_seconds: float,
+        max_bytes: int = sys.maxsize,
+        max_total_bytes: int = sys.maxsize,
+    ) -> None:
         self._max_events = max_events
         self._max_age = max_age_seconds
-        self._rooms: dict[str, RoomHistory] = {}
+        self._max_bytes = max_bytes
+        self._max_total = max_total_bytes
+        self._total = 0
+        self._first_seq = 1  # above every number of a dropped history
+        self._rooms: OrderedDict[str, RoomHistory] = OrderedDict()  # least recently appended first
 
     def get(self, project_id: str, now: float) -> RoomHistory:
+        """
+        The room's history; a new one (numbered from C{now} in ms) is kept
+        only once an event is appended to it: use it at once.
+        """
         history = self._rooms.get(project_id)
         if history is None:
-            history = RoomHistory(max(1, int(now * 1000)), self._max_events, self._max_age)
-            self._rooms[project_id] = history
+            history = RoomHistory(
+                max(self._first_seq, int(now * 1000)),
+                self._max_events, self._max_age, self._max_bytes,
+            )
+            history.on_bytes = self._count
+            history.on_append = partial(self._appended, project_id, history)
         return history
+
+    def _count(self, change: int) -> None:
+        self._total += change
+
+    def _appended(self, project_id: str, history: RoomHistory) -> None:
+        """Keep C{history} as the most recently appended; evict others while over the total."""
+        rooms = self._rooms
+        previous = rooms.pop(project_id, None)
+        if previous is not None and previous is not history:
+            self._drop(previous)
+        rooms[project_id] = history
+        while self._total > self._max_total and len(rooms) > 1:
+            self._drop(rooms.popitem(last=False)[1])
+
+    def _drop(self, history: RoomHistory) -> None:
+        """Stop counting C{history} (already out of C{_rooms})."""
+        self._total -= history.bytes
+        history.on_bytes = history.on_append = None
+        self._first_seq = max(self._first_seq, history.seq + 1)
 
     def sweep(self, now: float) -> int:
         """Drop the histories whose events have all aged out; return how many."""
@@ -111,8 +189,14 @@ class Histories:
             history.trim(now)
             if history.empty:
                 del self._rooms[project_id]
+                self._drop(history)
                 dropped += 1
         return dropped
+
+    @property
+    def total_bytes(self) -> int:
+        """The bytes of the events kept in all rooms."""
+        return self._total
 
     def __len__(self) -> int:
         return len(self._rooms)

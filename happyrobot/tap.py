@@ -201,7 +201,10 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
             history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
         )
     else:
-        histories = Histories(config.history_size, config.history_ttl_seconds)
+        histories = Histories(
+            config.history_size, config.history_ttl_seconds,
+            config.history_max_bytes, config.history_total_bytes,
+        )
         bus = LocalBus(registry, histories, reactor)
     factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
     # Per-server metrics (its own Prometheus registry), fed once per event

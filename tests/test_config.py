@@ -65,6 +65,14 @@ _VALUES: dict[str, tuple[str, list[tuple[str, Any]]]] = {
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", [("3", 3), ("0", 0), ("20", 20)]),
     "TRUST_PROXY": ("trust_proxy", [("true", True), ("false", False), ("on", True)]),
     "MAX_BUFFER_BYTES": ("max_buffer_bytes", [("2048", 2048), ("4096", 4096), ("1024", 1024)]),
+    "HISTORY_MAX_BYTES": (
+        "history_max_bytes",
+        [("65536", 65536), ("131072", 131072), ("67108864", 67108864)],
+    ),
+    "HISTORY_TOTAL_BYTES": (
+        "history_total_bytes",
+        [("1048576", 1048576), ("2000000", 2000000), ("1000000000", 1000000000)],
+    ),
 }
 
 #: The numeric settings that take a fraction (not only whole numbers).
@@ -764,3 +772,33 @@ class DrainWindowTests(SynchronousTestCase):
         for timeout, window in (("10", 5), ("30", 5), ("4", 2), ("0", 0)):
             cfg = load_config({}, {"SHUTDOWN_TIMEOUT": timeout})
             self.assertEqual(cfg.drain_window_seconds, window, timeout)
+
+
+class HistoryBytesTests(SynchronousTestCase):
+    """HISTORY_MAX_BYTES (per room) and HISTORY_TOTAL_BYTES (all rooms)."""
+
+    def test_defaults(self) -> None:
+        """1 MiB per room, 64 MiB in all."""
+        cfg = Config()
+        self.assertEqual((cfg.history_max_bytes, cfg.history_total_bytes), (1 << 20, 1 << 26))
+
+    def test_minimums(self) -> None:
+        """Each takes a whole number of at least 64 KiB (one event of the largest size)."""
+        for env in ("HISTORY_MAX_BYTES", "HISTORY_TOTAL_BYTES"):
+            self.assertEqual(_error(self, env, "65535"),
+                             f"{env} must be at least 65536, got '65535'")
+            self.assertEqual(_error(self, env, "1e6"),
+                             f"{env} must be a whole number, got '1e6'")
+        cfg = load_config({}, {"HISTORY_MAX_BYTES": "65536", "HISTORY_TOTAL_BYTES": "65536"})
+        self.assertEqual((cfg.history_max_bytes, cfg.history_total_bytes), (65536, 65536))
+        self.assertIs(type(cfg.history_total_bytes), int)
+
+    def test_per_room_above_total_refused(self) -> None:
+        """A room may not keep more than all rooms together: one line names both."""
+        for env, value, room, total in (
+            ("HISTORY_TOTAL_BYTES", "1048575", 1048576, 1048575),
+            ("HISTORY_MAX_BYTES", "67108865", 67108865, 67108864),
+        ):
+            e = self.assertRaises(ConfigError, load_config, {}, {env: value})
+            self.assertEqual(str(e), f"HISTORY_MAX_BYTES ({room}) must not exceed "
+                                     f"HISTORY_TOTAL_BYTES ({total})")

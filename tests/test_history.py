@@ -108,6 +108,181 @@ class HistoriesTests(SynchronousTestCase):
         self.assertEqual(hs.get("p1", now=30).append(event(0), 30)[0], 30000)
 
 
+def sized(size: int) -> bytes:
+    """An event that is C{size} bytes once a four-digit seq is added."""
+    return b'{"p":"' + b"x" * (size - 19) + b'"}'
+
+
+def kept(h: RoomHistory, now: float) -> list[bytes]:
+    """All the events C{h} still keeps."""
+    for since in range(h.seq - 100, h.seq + 1):  # no test keeps more than 100
+        events = h.since(since, now)
+        if events is not None:
+            return events
+    raise AssertionError("no since reaches the kept events")
+
+
+class ByteBoundTests(SynchronousTestCase):
+    """RoomHistory's bound on the bytes of its events."""
+
+    def test_sized(self) -> None:
+        """The helper makes events of the size asked for."""
+        self.assertEqual(len(with_seq(sized(100), 1000)), 100)
+
+    def test_oldest_trimmed_while_over(self) -> None:
+        """Events are forgotten oldest first while the kept bytes exceed the bound."""
+        h = RoomHistory(1000, max_events=100, max_age_seconds=60, max_bytes=350)
+        for _ in range(5):
+            h.append(sized(100), 0)
+        self.assertEqual(seqs(h.since(1001, 0)), [1002, 1003, 1004])
+        self.assertIsNone(h.since(1000, 0))
+        self.assertEqual(h.bytes, 300)
+        h.append(sized(60), 0)
+        self.assertEqual((seqs(kept(h, 0)), h.bytes), ([1003, 1004, 1005], 260))
+
+    def test_exactly_at_the_bound_is_kept(self) -> None:
+        """The bound itself is allowed."""
+        h = RoomHistory(1000, max_events=100, max_age_seconds=60, max_bytes=300)
+        for _ in range(3):
+            h.append(sized(100), 0)
+        self.assertEqual((seqs(kept(h, 0)), h.bytes), ([1000, 1001, 1002], 300))
+
+    def test_event_over_the_bound_alone(self) -> None:
+        """An event larger than the bound is numbered but not kept: resuming before it resyncs."""
+        h = RoomHistory(1000, max_events=100, max_age_seconds=60, max_bytes=150)
+        h.append(sized(100), 0)
+        seq, data = h.append(sized(200), 0)
+        self.assertEqual((seq, len(data or b"")), (1001, 200))
+        self.assertEqual((h.empty, h.bytes), (True, 0))
+        self.assertIsNone(h.since(1000, 0))
+        self.assertEqual(h.since(1001, 0), [])
+
+    def test_retry_after_byte_trim(self) -> None:
+        """A retry of an event trimmed by bytes is a new event; one still kept is recognised."""
+        h = RoomHistory(1000, max_events=100, max_age_seconds=60, max_bytes=200)
+        h.append(sized(100), 0, ("u", "op1"))
+        h.append(sized(100), 0, ("u", "op2"))
+        h.append(sized(100), 0, ("u", "op3"))  # op1's event is trimmed by bytes
+        self.assertEqual(h.append(sized(100), 0, ("u", "op2")), (1001, None))
+        seq, data = h.append(sized(100), 0, ("u", "op1"))
+        self.assertEqual(seq, 1003)
+        self.assertIsNotNone(data)
+        # op2's event went with that append, op3's is still kept.
+        self.assertEqual(h.append(sized(100), 0, ("u", "op3")), (1002, None))
+        self.assertNotEqual(h.append(sized(100), 0, ("u", "op2"))[1], None)
+
+
+class TotalBytesTests(SynchronousTestCase):
+    """Histories' bound on the bytes of all rooms, and its accounting."""
+
+    def make(self, max_bytes: int = 1000, max_total: int = 300) -> Histories:
+        return Histories(max_events=5, max_age_seconds=10, max_bytes=max_bytes,
+                         max_total_bytes=max_total)
+
+    def test_least_recently_appended_evicted(self) -> None:
+        """Over the total, whole histories go, least recently appended first."""
+        hs = self.make()
+        for room in "abc":
+            hs.get(room, 1).append(sized(100), 1)
+        self.assertEqual((len(hs), hs.total_bytes), (3, 300))
+        hs.get("a", 1).append(sized(100), 1)  # 400: b, the least recently appended, goes
+        self.assertEqual((len(hs), hs.total_bytes), (2, 300))
+        self.assertIsNone(hs.get("b", 1).since(999, 1))  # b's event is gone
+        self.assertEqual(seqs(hs.get("a", 1).since(999, 1)), [1000, 1001])
+        self.assertEqual(seqs(hs.get("c", 1).since(999, 1)), [1000])
+        seq = hs.get("d", 1).append(sized(150), 1)[0]  # c, then a, go; numbered above b
+        self.assertEqual((len(hs), hs.total_bytes), (1, 150))
+        self.assertEqual((seq, seqs(hs.get("d", 1).since(1000, 1))), (1001, [1001]))
+
+    def test_room_appended_to_is_never_evicted(self) -> None:
+        """The room appended to stays even when it was the least recently appended."""
+        hs = self.make()
+        hs.get("a", 1).append(sized(100), 1)
+        hs.get("b", 1).append(sized(100), 1)
+        hs.get("b", 1).append(sized(100), 1)
+        hs.get("a", 1).append(sized(100), 1)  # 400: b goes, not a
+        self.assertEqual((len(hs), hs.total_bytes), (1, 200))
+        self.assertEqual(seqs(hs.get("a", 1).since(999, 1)), [1000, 1001])
+
+    def test_room_alone_keeps_its_own_bound(self) -> None:
+        """A room alone at the total is bounded by its per-room bound only."""
+        hs = self.make(max_bytes=300, max_total=300)
+        for _ in range(4):
+            hs.get("a", 1).append(sized(100), 1)
+        self.assertEqual((len(hs), hs.total_bytes), (1, 300))
+        self.assertEqual(seqs(hs.get("a", 1).since(1000, 1)), [1001, 1002, 1003])
+
+    def test_evicted_room_resyncs_and_numbers_above(self) -> None:
+        """
+        After its eviction, a room's old since is too old, even in the same
+        millisecond: its new history numbers from above the dropped one.
+        """
+        hs = self.make()
+        hs.get("a", 1).append(sized(100), 1)
+        hs.get("a", 1).append(sized(100), 1)  # 1000, 1001
+        hs.get("b", 1).append(sized(200), 1)  # evicts a
+        self.assertEqual(len(hs), 1)
+        self.assertIsNone(hs.get("a", 1).since(1000, 1))
+        self.assertEqual(hs.get("a", 1).append(sized(100), 1)[0], 1002)
+        self.assertIsNone(hs.get("a", 1).since(1000, 1))
+        self.assertEqual(seqs(hs.get("a", 1).since(1001, 1)), [1002])
+        hs.get("b", 2).append(sized(200), 2)  # evicts a again; later, numbers follow the clock
+        self.assertEqual(hs.get("a", 5).append(sized(100), 5)[0], 5000)
+        self.assertIsNone(hs.get("a", 5).since(1002, 5))
+
+    def test_read_stores_nothing(self) -> None:
+        """Reading a room without history keeps nothing; its numbers still grow."""
+        hs = self.make()
+        h = hs.get("new", 1)
+        self.assertIsNone(h.since(0, 1))
+        self.assertEqual((h.seq, h.since(999, 1)), (999, []))
+        self.assertEqual((len(hs), hs.total_bytes), (0, 0))
+        self.assertEqual(hs.get("new", 1).append(sized(100), 1)[0], 1000)  # same ms: as read
+        self.assertEqual(len(hs), 1)
+        self.assertEqual(hs.get("other", 1).seq, 999)
+        self.assertEqual(hs.get("other", 2).append(sized(100), 2)[0], 2000)
+
+    def test_accounting_after_trims_and_sweep(self) -> None:
+        """total_bytes is exactly what the rooms keep after trims by count, age, bytes and sweep."""
+        hs = self.make(max_bytes=450, max_total=10_000)
+
+        def check(now: float) -> None:
+            held = sum(len(e) for room in "abc" for e in kept(hs.get(room, now), now))
+            self.assertEqual(hs.total_bytes, held)
+
+        for _ in range(7):  # by count: 5 kept
+            hs.get("a", 1).append(sized(50), 1)
+        self.assertEqual(hs.total_bytes, 250)
+        for size in (200, 200, 100):  # by bytes: 300 kept
+            hs.get("b", 2).append(sized(size), 2)
+        self.assertEqual(hs.total_bytes, 550)
+        check(2)
+        hs.get("c", 5).append(sized(100), 5)
+        self.assertEqual(hs.get("a", 11.5).since(1005, 11.5), None)  # by age, on a read
+        self.assertEqual(hs.total_bytes, 400)
+        check(11.5)
+        self.assertEqual(hs.sweep(12.5), 2)  # a and b: all aged out
+        self.assertEqual(hs.total_bytes, 100)
+        check(12.5)
+        self.assertEqual(hs.sweep(20), 1)
+        self.assertEqual((len(hs), hs.total_bytes), (0, 0))
+
+    @given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(20, 400),
+                              st.floats(0, 3)), max_size=60))
+    @settings(max_examples=200, deadline=None)
+    def test_bounds_and_accounting_hold(self, script: list[tuple[str, int, float]]) -> None:
+        """After any appends, each room and all rooms are within bounds and counted exactly."""
+        hs = Histories(max_events=4, max_age_seconds=5, max_bytes=600, max_total_bytes=1000)
+        now = 1.0
+        for room, size, later in script:
+            now += later
+            hs.get(room, now).append(sized(size), now)
+            rooms = [kept(hs.get(r, now), now) for r in "abcd"]
+            self.assertLessEqual(max(sum(map(len, events)) for events in rooms), 600)
+            self.assertEqual(hs.total_bytes, sum(len(e) for events in rooms for e in events))
+            self.assertLessEqual(hs.total_bytes, 1000)
+
+
 class Recorder:
     """A room member that records what it is sent."""
 
