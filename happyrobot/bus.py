@@ -262,7 +262,7 @@ def history_key(project_id: str) -> bytes:
 
 def op_key_name(project_id: str, op_key: OpKey) -> bytes:
     """The Redis string remembering the seq of one acknowledged operation."""
-    return OP_PREFIX + orjson.dumps([project_id, op_key[0], op_key[1]])
+    return OP_PREFIX + messages.dumps([project_id, op_key[0], op_key[1]])
 
 
 def pack_envelope(
@@ -1094,7 +1094,7 @@ class RedisBus(Service):
                     self._forget(self._command("SREM", INSTANCES_KEY, *dead))
                 for iid, value in zip(ids, values):
                     if value is not None:
-                        instances[iid.decode("utf-8", "replace")] = orjson.loads(value)
+                        instances[iid.decode("utf-8", "replace")] = messages.loads(value)
             except Exception:
                 partial = True
                 log.failure("reading the other instances' statistics failed")
@@ -1492,7 +1492,7 @@ class RedisBus(Service):
         """Store our members of a room and tell every instance."""
         self._registered.add(project_id)
         self._forget(self._command(
-            "HSET", presence_key(project_id), self._instance, orjson.dumps(active_users)
+            "HSET", presence_key(project_id), self._instance, messages.dumps(active_users)
         ))
         envelope = pack_envelope(PRESENCE, self._instance, None, b"")
         self._send(project_id, envelope, lambda: self._registry.send_presence(
@@ -1529,7 +1529,7 @@ class RedisBus(Service):
             pass  # the connection is going: its connectionLost reports it
         try:
             previous = await self._command(
-                "SET", instance_key(self._instance), orjson.dumps(self._snapshot()),
+                "SET", instance_key(self._instance), messages.dumps(self._snapshot()),
                 "PX", int(self.instance_ttl * 1000), "GET",
             )
             self._forget(self._command("SADD", INSTANCES_KEY, self._instance))
@@ -1624,7 +1624,7 @@ class RedisBus(Service):
         for instance, value in zip(others, alive):
             if value is not None:
                 try:
-                    lists.append(orjson.loads(fields[instance]))
+                    lists.append(messages.loads(fields[instance]))
                 except orjson.JSONDecodeError:
                     log.warn("ignored malformed presence in {project_id}", project_id=project_id)
         if project_id in self._channels:

@@ -8,12 +8,23 @@ imports nothing from Twisted, so every rule here is tested directly.
 
 Outgoing messages are returned as UTF-8 JSON ``bytes`` so that an event is
 serialised once, however many members receive it.
+
+Strings may hold lone UTF-16 surrogates: JavaScript strings are UTF-16, so
+a title cut in the middle of an emoji is sent by ``JSON.stringify`` as
+``"\\ud83d"``, and the Node server relayed it.  orjson refuses them both
+ways, so L{loads} and L{dumps} (and the message builders) fall back to the
+standard library, and only when orjson fails: such a message is written as
+ASCII JSON whose escapes (``\\ud83d``) ``JSON.parse`` turns back into the
+same string.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, NoReturn, Union
 
 import orjson
 
@@ -227,9 +238,116 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return True
 
 
+# ------------------------------------------------------------------- JSON
+
+#: A ``\uD800``-``\uDFFF`` escape in JSON text: the only reason for the
+#: fallback decoder to try again after orjson.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A surrogate code point in a str.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_JSON = object()
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number is infinity when parsed as double")  # as orjson
+    return value
+
+
+def _parse_int(text: str) -> int | float:
+    # orjson reads integers beyond the 64-bit range as floats.
+    if len(text) > 21:
+        return _parse_float(text)
+    value = int(text)
+    return value if _I64_MIN <= value <= _U64_MAX else float(value)
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_with_surrogates(data: bytes | str) -> Any:
+    """
+    Decode JSON text holding a lone surrogate escape, which orjson refuses,
+    accepting nothing else orjson would refuse (NaN, infinite numbers,
+    invalid UTF-8).  Returns C{_NOT_JSON} when it is not JSON after all.
+    """
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if _SURROGATE_ESCAPE.search(raw) is None:
+            return _NOT_JSON
+        return json.loads(
+            raw.decode("utf-8"),
+            parse_float=_parse_float,
+            parse_int=_parse_int,
+            parse_constant=_refuse_constant,
+        )
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeError too
+        return _NOT_JSON
+
+
+def loads(data: bytes | str) -> Any:
+    """
+    Decode JSON text with orjson; if orjson refuses it, accept it anyway when
+    the reason is a lone surrogate escape such as ``"\\ud83d"``.
+
+    @raise orjson.JSONDecodeError: (orjson's own error) for what is not JSON.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = _loads_with_surrogates(data)
+        if obj is _NOT_JSON:
+            raise
+        return obj
+
+
+def _holds_surrogate(obj: Any) -> bool:
+    """Whether a str anywhere in C{obj} (a key too) holds a surrogate."""
+    todo = [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item)
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return False
+
+
+def _dumps_escaped(obj: Any, error: Exception) -> bytes:
+    """
+    What orjson could not write because a str holds a lone surrogate: ASCII
+    JSON, each surrogate as a ``\\udXXX`` escape like ``JSON.stringify``
+    writes it.  Any other failure of orjson's is raised again as C{error}.
+    """
+    if not _holds_surrogate(obj):
+        raise error
+    return json.dumps(
+        obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False
+    ).encode("ascii")
+
+
+def dumps(obj: Any) -> bytes:
+    """
+    Serialise anything holding client strings (messages, HTTP reply bodies,
+    what goes to Redis): compact UTF-8 JSON from orjson, or (only when a
+    str holds a lone surrogate) ASCII JSON with the surrogates escaped.
+    """
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError as e:
+        return _dumps_escaped(obj, e)
+
+
 def _decode(data: bytes | str) -> Any:
     try:
-        obj = orjson.loads(data)
+        obj = loads(data)
     except orjson.JSONDecodeError:
         raise ProtocolError("INVALID_JSON", "Invalid message format: not JSON") from None
     # Counting brackets is a fast upper bound of the depth; walk only when
@@ -363,23 +481,22 @@ def error(error: ProtocolError, now_ms: int) -> bytes:
     }
     if error.operation_id is not None:
         msg["operationId"] = error.operation_id
-    return orjson.dumps(msg)
+    return dumps(msg)
 
 
 def presence(project_id: str, active_users: list[dict[str, Any]], now_ms: int) -> bytes:
     """USER_PRESENCE for one room; C{active_users} are ready-made entries."""
-    return orjson.dumps(
-        {
-            "type": "USER_PRESENCE",
-            "payload": {
-                "projectId": project_id,
-                "activeUsers": active_users,
-                "userCount": len(active_users),
-            },
-            "operationId": f"presence-{now_ms}",
-            "timestamp": now_ms,
-        }
-    )
+    msg = {
+        "type": "USER_PRESENCE",
+        "payload": {
+            "projectId": project_id,
+            "activeUsers": active_users,
+            "userCount": len(active_users),
+        },
+        "operationId": f"presence-{now_ms}",
+        "timestamp": now_ms,
+    }
+    return dumps(msg)
 
 
 def relayed(event: Relay, now_ms: int, client_id: str, user_id: str | None) -> bytes:
@@ -397,7 +514,7 @@ def relayed(event: Relay, now_ms: int, client_id: str, user_id: str | None) -> b
     msg["timestamp"] = now_ms
     msg["projectId"] = event.project_id
     msg["sender"] = {"clientId": client_id, "userId": user_id}
-    return orjson.dumps(msg)
+    return dumps(msg)
 
 
 def broadcast(event: Broadcast, now_ms: int) -> bytes:
@@ -409,29 +526,23 @@ def broadcast(event: Broadcast, now_ms: int) -> bytes:
     msg["timestamp"] = event.timestamp if event.timestamp is not None else now_ms
     msg["userId"] = event.user_id
     msg["projectId"] = event.project_id
-    return orjson.dumps(msg)
+    return dumps(msg)
 
 
 def ack(operation_id: str, project_id: str, seq: int, now_ms: int) -> bytes:
     """(v2) ACK: the sender's event is in the room's history as number C{seq}."""
-    return orjson.dumps(
-        {
-            "type": "ACK",
-            "operationId": operation_id,
-            "projectId": project_id,
-            "seq": seq,
-            "timestamp": now_ms,
-        }
-    )
+    msg = {
+        "type": "ACK",
+        "operationId": operation_id,
+        "projectId": project_id,
+        "seq": seq,
+        "timestamp": now_ms,
+    }
+    return dumps(msg)
 
 
 def resync_required(project_id: str, seq: int, now_ms: int) -> bytes:
     """(v2) The history no longer reaches back to the client's C{since}."""
-    return orjson.dumps(
-        {"type": "RESYNC_REQUIRED", "projectId": project_id, "seq": seq, "timestamp": now_ms}
-    )
+    msg = {"type": "RESYNC_REQUIRED", "projectId": project_id, "seq": seq, "timestamp": now_ms}
+    return dumps(msg)
 
-
-def dumps(obj: Any) -> bytes:
-    """Serialise an HTTP reply body."""
-    return orjson.dumps(obj)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -1112,6 +1113,249 @@ class OutgoingTests(SynchronousTestCase):
     def test_dumps(self) -> None:
         """dumps() returns compact UTF-8 JSON bytes."""
         self.assertEqual(messages.dumps({"a": [1, "\u00e9"]}), '{"a":[1,"\u00e9"]}'.encode())
+
+
+#: The frame of the review: a title cut in the middle of an emoji, as
+#: Node's JSON.stringify writes it (a lone high surrogate escape).
+_CUT_EMOJI = b'{"type":"TASK_UPDATE","projectId":"p1","payload":{"title":"Launch \\ud83d"}}'
+#: Any text, lone surrogates often included (st.text() leaves them out).
+_UTF16_TEXT = st.lists(
+    st.characters() | st.integers(0xD800, 0xDFFF).map(chr), max_size=20
+).map("".join)
+
+
+def _utf16(text: str) -> bytes:
+    """C{text} as the UTF-16 code units a JavaScript string holds."""
+    return text.encode("utf-16-le", "surrogatepass")
+
+
+class SurrogateTests(SynchronousTestCase):
+    """
+    Strings holding lone UTF-16 surrogates, which JavaScript clients send
+    (``JSON.stringify`` escapes them as ``\\ud83d``) and the Node server
+    relayed: accepted, and sent on as UTF-8 JSON that ``JSON.parse`` turns
+    back into the same string.
+    """
+
+    def _round_trip(self, frame: bytes) -> Any:
+        """C{frame} is valid UTF-8 JSON; return what a JSON parser makes of it."""
+        frame.decode("utf-8")  # raises if not UTF-8
+        return json.loads(frame)
+
+    def test_lone_high_surrogate_relayed(self) -> None:
+        """The frame of the review is parsed and relayed with the escape kept."""
+        msg = messages.parse(_CUT_EMOJI)
+        self.assertEqual(msg, Relay("TASK_UPDATE", "p1", {"title": "Launch \ud83d"}, None, True))
+        assert isinstance(msg, Relay)
+        frame = messages.relayed(msg, NOW_MS, "client_1", "user_a")
+        self.assertIn(b'"title":"Launch \\ud83d"', frame)
+        self.assertEqual(self._round_trip(frame)["payload"]["title"], "Launch \ud83d")
+
+    def test_lone_low_surrogate_relayed(self) -> None:
+        """A lone low surrogate, in the payload and the operation id, round-trips."""
+        msg = messages.parse(
+            b'{"type":"COMMENT_CREATE","projectId":"p1","operationId":"op-\\uDE80",'
+            b'"payload":{"text":"\\ude80 end"}}'
+        )
+        assert isinstance(msg, Relay)
+        self.assertEqual((msg.payload, msg.operation_id), ({"text": "\ude80 end"}, "op-\ude80"))
+        out = self._round_trip(messages.relayed(msg, NOW_MS, "client_1", None))
+        self.assertEqual(
+            out,
+            {
+                "type": "COMMENT_CREATE",
+                "payload": {"text": "\ude80 end"},
+                "operationId": "op-\ude80",
+                "timestamp": NOW_MS,
+                "projectId": "p1",
+                "sender": {"clientId": "client_1", "userId": None},
+            },
+        )
+
+    def test_reversed_pair_is_two_lone_surrogates(self) -> None:
+        """A low then a high surrogate are not a pair: both are kept as they are."""
+        msg = messages.parse(b'{"type":"TASK_CREATE","projectId":"p1","payload":{"t":"\\ude80\\ud83d"}}')
+        assert isinstance(msg, Relay)
+        frame = messages.relayed(msg, NOW_MS, "c", None)
+        self.assertIn(b'"t":"\\ude80\\ud83d"', frame)
+        self.assertEqual(self._round_trip(frame)["payload"]["t"], "\ude80\ud83d")
+
+    def test_surrogate_pair_is_utf8(self) -> None:
+        """A real emoji escaped as a pair is one character, written as UTF-8 by orjson."""
+        msg = messages.parse(
+            b'{"type":"TASK_UPDATE","projectId":"p1","payload":{"title":"Launch \\ud83d\\ude80 \\u00e9"}}'
+        )
+        assert isinstance(msg, Relay)
+        self.assertEqual(msg.payload, {"title": "Launch \U0001f680 \u00e9"})
+        self.assertEqual(
+            messages.relayed(msg, NOW_MS, "client_1", "user_a"),
+            b'{"type":"TASK_UPDATE","payload":{"title":"Launch \xf0\x9f\x9a\x80 \xc3\xa9"},'
+            b'"timestamp":1732590000000,"projectId":"p1",'
+            b'"sender":{"clientId":"client_1","userId":"user_a"}}',
+        )
+
+    def test_ordinary_frames_unchanged(self) -> None:
+        """Without lone surrogates, every builder writes orjson's compact UTF-8 bytes."""
+        event = Relay("TASK_UPDATE", "p1", {"t": "\u00e9\U0001f680", "n": [1, 2.5, None]}, "op", True)
+        self.assertEqual(
+            messages.relayed(event, NOW_MS, "c1", "u1"),
+            '{"type":"TASK_UPDATE","payload":{"t":"\u00e9\U0001f680","n":[1,2.5,null]},'
+            '"operationId":"op","timestamp":1732590000000,"projectId":"p1",'
+            '"sender":{"clientId":"c1","userId":"u1"}}'.encode(),
+        )
+        self.assertEqual(
+            messages.ack("op", "p\u00e9", 7, NOW_MS),
+            '{"type":"ACK","operationId":"op","projectId":"p\u00e9","seq":7,'
+            '"timestamp":1732590000000}'.encode(),
+        )
+
+    def test_invalid_json_still_refused(self) -> None:
+        """What is not JSON stays INVALID_JSON, lone surrogate escape or not."""
+        for data in [
+            b'{"type":"TASK_UPDATE","payload":{"title":"\\ud83d"},}',  # trailing comma
+            b'{"title":"\\ud83d"',  # unterminated
+            b'{"title":"\\ud83d"} {}',  # two values
+            b'{"title":"\\ud83d","n":NaN}',
+            b'{"title":"\\ud83d","n":-Infinity}',
+            b'{"title":"\\ud83d","n":1e400}',  # infinite as a double, as orjson says
+            b'{"title":"\\ud83d","bad":"\xff"}',  # invalid UTF-8
+            b'\xef\xbb\xbf{"title":"\\ud83d"}',  # byte order mark
+            b'{"title":"\\ud83d","c":"\x01"}',  # control character in a string
+            b'{"title":"\\ud8"}',  # truncated escape
+            b"[" * 100000 + b'"\\ud83d"' + b"]" * 100000,  # too deep for any parser
+            '{"title":"\\ud83d","raw":"\ud800"}',  # a str holding a real surrogate
+        ]:
+            e = _parse_error(self, data)
+            self.assertEqual(
+                (e.code, e.message), ("INVALID_JSON", "Invalid message format: not JSON"), data
+            )
+            self.assertEqual(_broadcast_error(self, data.encode("utf-8", "surrogatepass")
+                                              if isinstance(data, str) else data), "Invalid JSON")
+
+    def test_numbers_as_orjson_reads_them(self) -> None:
+        """The fallback reads numbers as orjson does: beyond 64 bits as floats."""
+        msg = messages.parse(
+            b'{"type":"TASK_UPDATE","projectId":"p1","payload":{"t":"\\ud83d",'
+            b'"big":18446744073709551616,"u64":18446744073709551615,"neg":-9223372036854775809,'
+            b'"i":-3,"f":2.5,"e":1E2}}'
+        )
+        assert isinstance(msg, Relay)
+        self.assertEqual(
+            msg.payload,
+            {"t": "\ud83d", "big": 1.8446744073709552e19, "u64": 18446744073709551615,
+             "neg": -9.223372036854776e18, "i": -3, "f": 2.5, "e": 100.0},
+        )
+        self.assertIsInstance(msg.payload["big"], float)
+        self.assertIsInstance(msg.payload["u64"], int)
+        self._round_trip(messages.relayed(msg, NOW_MS, "c", None))
+
+    def test_too_deep_with_surrogate(self) -> None:
+        """The depth limit holds for messages read by the fallback too."""
+        data = b'{"type":"TASK_UPDATE","projectId":"p1","payload":{"t":"\\ud83d","a":'
+        data += _nested(MAX_DEPTH + 1) + b"}}"
+        self.assertEqual(_parse_error(self, data).code, "TOO_DEEP")
+
+    def test_nested_payload(self) -> None:
+        """Surrogates deep in a payload, in keys and values, round-trip."""
+        payload = {"a": [{"\ud83d key": ["x", {"b": "\udfff"}]}], "c": {"d": {"e": "ok\ud800"}}}
+        msg = messages.parse(_frame({"type": "PROJECT_UPDATE", "projectId": "p1", "payload": payload}))
+        assert isinstance(msg, Relay)
+        self.assertEqual(msg.payload, payload)
+        self.assertEqual(self._round_trip(messages.relayed(msg, NOW_MS, "c", "u"))["payload"], payload)
+
+    def test_user_info_and_presence(self) -> None:
+        """A userInfo name holding a lone surrogate is kept, and presence round-trips."""
+        msg = messages.parse(
+            b'{"type":"SET_USER","payload":{"userId":"u\\ud83d",'
+            b'"userInfo":{"name":"\\ud83d Ann","email":"a@x","extra":"\\udc00"}}}'
+        )
+        self.assertEqual(msg, SetUser("u\ud83d", {"name": "\ud83d Ann", "email": "a@x"}))
+        assert isinstance(msg, SetUser) and msg.user_id is not None
+        users = [{"userId": msg.user_id, "initials": messages.initials(msg.user_id, msg.user_info)}]
+        self.assertEqual(users[0]["initials"], "\ud83dA")
+        out = self._round_trip(messages.presence("p\udc00", users, NOW_MS))
+        self.assertEqual(
+            out["payload"], {"projectId": "p\udc00", "activeUsers": users, "userCount": 1}
+        )
+
+    def test_error_echoes_operation_id(self) -> None:
+        """An ERROR echoing a client's operation id and type holding surrogates round-trips."""
+        e = _parse_error(self, b'{"type":"NOPE\\ud83d","operationId":"op\\ud83d"}')
+        self.assertEqual(e.code, "UNKNOWN_TYPE")
+        out = self._round_trip(messages.error(e, NOW_MS))
+        self.assertEqual(
+            (out["error"], out["operationId"]), ("Unknown message type: NOPE\ud83d", "op\ud83d")
+        )
+
+    def test_broadcast(self) -> None:
+        """A POST /broadcast body with lone surrogates is accepted and round-trips."""
+        event = messages.parse_broadcast(
+            b'{"type":"T\\ud83d","projectId":"p1","userId":"u\\udc00",'
+            b'"operationId":"o\\ud83d","payload":{"title":"Launch \\ud83d"}}'
+        )
+        self.assertEqual(
+            self._round_trip(messages.broadcast(event, NOW_MS)),
+            {
+                "type": "T\ud83d",
+                "payload": {"title": "Launch \ud83d"},
+                "operationId": "o\ud83d",
+                "timestamp": NOW_MS,
+                "userId": "u\udc00",
+                "projectId": "p1",
+            },
+        )
+
+    def test_ack_and_resync(self) -> None:
+        """ACK and RESYNC_REQUIRED for a project id holding a lone surrogate round-trip."""
+        self.assertEqual(
+            self._round_trip(messages.ack("op\ud83d", "p\udc00", 3, NOW_MS))["operationId"],
+            "op\ud83d",
+        )
+        self.assertEqual(
+            self._round_trip(messages.resync_required("p\udc00", 3, NOW_MS))["projectId"],
+            "p\udc00",
+        )
+
+    def test_dumps_fallback_is_ascii(self) -> None:
+        """dumps() writes a value holding a lone surrogate as ASCII-only compact JSON."""
+        value = {"t\udc00": ["Launch \ud83d", "\u00e9\U0001f680", 1, 2.5, None, True]}
+        out = messages.dumps(value)
+        self.assertTrue(out.isascii())
+        self.assertEqual(
+            out,
+            b'{"t\\udc00":["Launch \\ud83d","\\u00e9\\ud83d\\ude80",1,2.5,null,true]}',
+        )
+        self.assertEqual(json.loads(out), value)
+
+    def test_dumps_other_errors_still_raised(self) -> None:
+        """dumps() does not hide orjson's other refusals behind the fallback."""
+        self.assertRaises(TypeError, messages.dumps, {"a": {1, 2}, "b": "\ud83d"})
+        self.assertRaises(TypeError, messages.dumps, {"a": 2**64})
+        self.assertRaises(TypeError, messages.dumps, {"a": object()})
+
+    def test_loads(self) -> None:
+        """loads() accepts lone surrogate escapes and raises orjson's error for non-JSON."""
+        self.assertEqual(messages.loads(b'["\\ud83d",{"k":"\\udc00"}]'), ["\ud83d", {"k": "\udc00"}])
+        self.assertEqual(messages.loads('{"a":"\\u00e9"}'), {"a": "\u00e9"})
+        for data in [b'["\\ud83d",]', b"{", b'["\\ud83d",NaN]']:
+            self.assertRaises(orjson.JSONDecodeError, messages.loads, data)
+
+    @given(_UTF16_TEXT, _UTF16_TEXT)
+    def test_any_text_round_trips(self, key: str, text: str) -> None:
+        """Any text, sent as JSON.stringify would, comes back the same from a relay."""
+        frame = json.dumps(
+            {"type": "TASK_UPDATE", "projectId": "p1", "operationId": text, "payload": {key: text}}
+        ).encode("ascii")
+        msg = messages.parse(frame)
+        assert isinstance(msg, Relay)
+        out = self._round_trip(messages.relayed(msg, NOW_MS, "c", "u"))
+        # Compared as JavaScript compares strings, in UTF-16 code units: a
+        # high then a low surrogate are one character once parsed.
+        [(out_key, out_text)] = out["payload"].items()
+        self.assertEqual(
+            [_utf16(out_key), _utf16(out_text), _utf16(out["operationId"])],
+            [_utf16(key), _utf16(text), _utf16(text)],
+        )
 
 
 class ParsePropertyTests(SynchronousTestCase):

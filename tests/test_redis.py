@@ -325,6 +325,36 @@ class FanOutTests(RedisTestCase):
         for c in (a1, b1):
             self.assertEqual((await next_event(c))["operationId"], "op-3")
 
+    async def test_lone_surrogates_cross_instances(self) -> None:
+        """
+        Strings with a lone surrogate escape (a title or name cut inside an
+        emoji, which JavaScript's JSON accepts) cross instances in events,
+        acknowledged retries and presence.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_node(redis), await self.start_node(redis)
+        a1 = await a.joined("p1", "user_a1", firstName="Ann\ud83d", lastName="Lee")
+        b1 = await b.join("p1", "user_b1")
+        await a.settled()
+        await b.settled()
+        while True:  # b1's presence comes to list a1, read from Redis
+            users = (await b1.next_of("USER_PRESENCE"))["payload"]["activeUsers"]
+            if "user_a1" in [u["userId"] for u in users]:
+                break
+        op = "op-\udc00"
+        a1.send_json(dict(event(op), ack=True))
+        ack = await a1.next_of("ACK")
+        self.assertEqual(ack["operationId"], op)
+        msg = await next_event(b1)
+        self.assertEqual((msg["operationId"], msg["seq"]), (op, ack["seq"]))
+        a1.send_json(dict(event(op), ack=True))  # a retry: recognised by its op key
+        self.assertEqual((await a1.next_of("ACK"))["seq"], ack["seq"])
+        b1.send_json(event("op-marker"))
+        self.assertEqual((await next_event(a1))["operationId"], "op-marker")
+        status, body, _ = await a.http("GET", "/stats")
+        self.assertEqual(status, 200)
+        self.assertFalse(body.get("partial", False))
+
     async def test_delivery_is_written_at_the_end_of_the_read(self) -> None:
         """
         What one read of the subscription delivers is written before the
