@@ -40,6 +40,8 @@ OPCODE_CLOSE = 8
 OPCODE_PONG = 10
 #: Frames a client may send while one of its requests waits on the back end.
 MAX_BACKLOG = 64
+#: The longest reason for a failed connection that Autobahn's log line quotes.
+MAX_LOGGED_REASON = 160
 
 
 def _unauthorized(failure: Failure) -> None:
@@ -258,6 +260,11 @@ class CollabProtocol(WebSocketServerProtocol):
     def dropConnection(self, abort: bool = False) -> None:
         if self._writer is not None:
             self._writer.close()
+        reason = self.wasNotCleanReason
+        if reason is not None and len(reason) > MAX_LOGGED_REASON:
+            # Autobahn logs it at warn, and it may quote a whole header
+            # that a client chose (a bad Sec-WebSocket-Version, say).
+            self.wasNotCleanReason = reason[:MAX_LOGGED_REASON] + "..."
         super().dropConnection(abort)
 
     def _drop_slow_reader(self) -> None:

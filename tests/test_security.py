@@ -400,3 +400,28 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)  # 4.5 s into the second request
         clock.advance(0.6)
         self.assertTrue(transport.disconnected)
+
+
+class BadHandshakeLogTests(SynchronousTestCase):
+    """What a refused handshake writes to the log is short, whatever the client sent."""
+
+    server = HandshakeTimeoutTests.server
+
+    def test_quoted_header_cut(self) -> None:
+        """Autobahn's warning quotes at most the first 160 characters of the reason."""
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        _, proto, transport = self.server(5)
+        transport.protocol = proto
+        with capturedLogs() as captured:
+            proto.dataReceived(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: " + b"v" * 8000 + b"\r\n\r\n"
+            )
+        self.assertIn(b"400", transport.value().split(b"\r\n")[0])
+        # Autobahn's info line quoting the whole reason is below its log
+        # level (warn; logs.set_level), as txaio filters before formatting.
+        lines = [formatEvent(e) for e in captured if e["log_level"] >= LogLevel.warn]
+        self.assertTrue(any("vvvv" in line for line in lines), lines)
+        self.assertLess(max(len(line) for line in lines), 400)
