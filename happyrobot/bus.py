@@ -501,9 +501,24 @@ class _Script:
         self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
 
 
+#: Remove the presence fields (ARGV) of a room's hash (KEYS[1]) whose
+#: instances' heartbeat keys (KEYS[2...], in the same order) are gone, in
+#: one step: an instance that registers again between a read of its key and
+#: a separate HDEL would lose its fresh field for good.
+REAP_SCRIPT = r"""
+local removed = 0
+for i, instance in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('HDEL', KEYS[1], instance)
+  end
+end
+return removed
+"""
+
 _APPEND = _Script(APPEND_SCRIPT)
 _BATCH = _Script(BATCH_SCRIPT)
 _READ = _Script(READ_SCRIPT)
+_REAP = _Script(REAP_SCRIPT)
 
 
 def new_instance_id() -> str:
@@ -792,7 +807,10 @@ class RedisBus(Service):
     third of C{instance_ttl} refreshes our key; it also checks the other
     instances seen in our rooms, and when one has expired (a crash) removes
     its field and announces the change, so its members disappear within
-    about 1.3 C{instance_ttl}.
+    about 1.3 C{instance_ttl}.  That check and the removal are one script
+    (an instance registering again in between keeps its field).  A room's
+    presence hash expires C{history_ttl_seconds} after the last instance
+    with members there stopped refreshing it (a crash of the last one).
 
     Faults: while either connection is down the bus is not L{healthy}
     (``/health`` says degraded).  While the command connection is down
@@ -864,7 +882,7 @@ class RedisBus(Service):
         self._refreshing: dict[str, bool] = {}
         self._heartbeat: LoopingCall | None = None
         #: When the seq keys of our rooms were last kept from expiring.
-        self._seq_refreshed_at = 0.0
+        self._keys_refreshed_at = 0.0
         #: Appends waiting for L{flush}, per room in order: (event, exclude,
         #: op key, the Deferred given to the caller).
         self._pending: dict[str, list[tuple[bytes, str | None, OpKey | None, Deferred[int]]]] = {}
@@ -1257,7 +1275,7 @@ class RedisBus(Service):
     def _commands_ready(self, proto: Any) -> None:
         self._commands = proto
         # Before any EVALSHA on this connection (Redis may have restarted empty).
-        for script in (_APPEND, _BATCH, _READ):
+        for script in (_APPEND, _BATCH, _READ, _REAP):
             self._load(script)
         self._link_changed()
         for project_id in list(self._channels):
@@ -1491,9 +1509,11 @@ class RedisBus(Service):
     def _register(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
         """Store our members of a room and tell every instance."""
         self._registered.add(project_id)
-        self._forget(self._command(
-            "HSET", presence_key(project_id), self._instance, messages.dumps(active_users)
-        ))
+        key = presence_key(project_id)
+        self._forget(self._command("HSET", key, self._instance, messages.dumps(active_users)))
+        # Kept alive by every instance with members there (_keep_keys), so
+        # the hash of a room whose last instance crashed does not stay for ever.
+        self._forget(self._command("PEXPIRE", key, self._history_ttl_ms()))
         envelope = pack_envelope(PRESENCE, self._instance, None, b"")
         self._send(project_id, envelope, lambda: self._registry.send_presence(
             project_id, self._registry.active_users(project_id)))
@@ -1533,7 +1553,7 @@ class RedisBus(Service):
                 "PX", int(self.instance_ttl * 1000), "GET",
             )
             self._forget(self._command("SADD", INSTANCES_KEY, self._instance))
-            self._keep_seqs()
+            self._keep_keys()
             if previous is None or reregister:
                 if previous is None and not reregister:
                     log.warn("this instance's heartbeat key had expired: registering again")
@@ -1545,18 +1565,22 @@ class RedisBus(Service):
             if self.healthy and not Failure().check("txredisapi.ConnectionError"):
                 log.failure("Redis heartbeat failed")
 
-    def _keep_seqs(self) -> None:
+    def _keep_keys(self) -> None:
         """
-        Keep the seq keys of our rooms from expiring (every third of the
-        history TTL): a quiet room with members keeps its numbering, where
-        a new epoch would send them all RESYNC_REQUIRED.
+        Keep the seq and presence keys of our rooms from expiring (every
+        third of the history TTL): a quiet room with members keeps its
+        numbering, where a new epoch would send them all RESYNC_REQUIRED,
+        and its presence.
         """
         now = self._reactor.seconds()
-        if now - self._seq_refreshed_at < self.history_ttl_seconds / 3:
+        if now - self._keys_refreshed_at < self.history_ttl_seconds / 3:
             return
-        self._seq_refreshed_at = now
+        self._keys_refreshed_at = now
+        ttl = self._history_ttl_ms()
         for project_id in list(self._channels):
-            self._forget(self._command("PEXPIRE", seq_key(project_id), self._history_ttl_ms()))
+            self._forget(self._command("PEXPIRE", seq_key(project_id), ttl))
+        for project_id in list(self._registered):
+            self._forget(self._command("PEXPIRE", presence_key(project_id), ttl))
 
     def _reregister(self) -> None:
         for project_id in list(self._registered - set(self._channels)):
@@ -1580,8 +1604,13 @@ class RedisBus(Service):
             gone = seen & dead
             if gone:
                 seen -= gone
-                self._forget(self._command("HDEL", presence_key(project_id), *gone))
+                self._forget(self._remove_dead(project_id, sorted(gone)))
                 self._publish(project_id, pack_envelope(PRESENCE, self._instance, None, b""))
+
+    def _remove_dead(self, project_id: str, instances: list[bytes]) -> Deferred[Any]:
+        """Remove the fields of C{instances} from a room's presence, if they are still dead."""
+        return self._eval(_REAP, [presence_key(project_id), *map(instance_key, instances)],
+                          list(instances))
 
     def _refresh(self, project_id: str) -> None:
         """Read a room's presence across instances and announce it locally."""
@@ -1619,7 +1648,7 @@ class RedisBus(Service):
             return None
         dead = [i for i, v in zip(others, alive) if v is None]
         if dead:
-            self._forget(self._command("HDEL", presence_key(project_id), *dead))
+            self._forget(self._remove_dead(project_id, dead))
         lists = [self._registry.active_users(project_id)]
         for instance, value in zip(others, alive):
             if value is not None:

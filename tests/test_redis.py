@@ -707,6 +707,41 @@ class CrashTests(RedisTestCase):
         self.assertEqual(fields, [a.bus.instance_id])
 
 
+    async def test_presence_hash_expires_unless_refreshed(self) -> None:
+        """
+        A room's presence hash has an expiry, refreshed while an instance
+        has members there: if the last instance in a room crashes, its
+        field does not stay in Redis for ever.
+        """
+        redis = await self.start_redis()
+        a = await self.start_node(redis, history_ttl_seconds=30.0)
+        await a.join("p1", "user_a1")
+        await a.settled()
+        await a.bus.when(lambda: "p1" in a.bus._registered)
+        ttl = await redis.command("PTTL", "happyrobot:presence:p1")
+        self.assertTrue(0 < ttl <= 30_000, ttl)
+        await redis.command("PERSIST", "happyrobot:presence:p1")
+        a.bus._keys_refreshed_at = -1e9  # due now
+        await a.bus.heartbeat()
+        ttl = await redis.command("PTTL", "happyrobot:presence:p1")
+        self.assertTrue(0 < ttl <= 30_000, ttl)
+
+    async def test_dead_field_removed_only_while_dead(self) -> None:
+        """
+        Removing a dead instance's presence field checks its heartbeat key
+        in the same step: an instance that came back keeps its field.
+        """
+        redis = await self.start_redis()
+        a = await self.start_node(redis)
+        await redis.command("SET", "happyrobot:instance:ghost", "{}", "PX", 60_000)
+        await redis.command("HSET", "happyrobot:presence:p1", "ghost", "[]")
+        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 0)
+        self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), ["ghost"])
+        await redis.command("DEL", "happyrobot:instance:ghost")
+        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 1)
+        self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), [])
+
+
 # ---------------------------------------------------------------- v2: seq, history, resume
 
 
