@@ -333,6 +333,8 @@ class OriginCheckedWebSocket(WebSocketResource):
         self.factory = factory
 
     def render(self, request: Request) -> bytes | int:
+        if request.postpath not in ([], [b""]):  # /ws/anything is not /ws
+            return _json(request, 404, {"error": "Not found"})
         origin = request.getHeader(b"origin")
         if origin is not None and not self.factory.config.origin_allowed(
             origin.decode("latin-1")

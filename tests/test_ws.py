@@ -77,6 +77,15 @@ class ConnectionTests(ServerTestCase):
         await self.assertFailure(refused.opened, ConnectionError)
         self.assertEqual(self.factory.connections, {})
 
+    async def test_only_ws_path_upgrades(self) -> None:
+        """/ws (and /ws/) open a WebSocket; a path below it is not found."""
+        self.start_server()
+        refused = await self.connect(path="/ws/anything", expect_open=False)
+        await self.assertFailure(refused.opened, ConnectionError)
+        self.assertEqual(self.factory.connections, {})
+        ok = await self.connect(path="/ws/")
+        self.assertTrue(ok.client_id)
+
     async def test_star_allows_any_origin(self) -> None:
         """ALLOWED_ORIGINS=* lets any browser origin connect."""
         self.start_server(allowed_origins=("*",))
