@@ -178,7 +178,7 @@ class LocalBus:
         op_key: OpKey | None = None,
     ) -> Deferred[int]:
         now = self._clock.seconds()
-        seq, data = self._histories.get(project_id, now).append(event, now, op_key)
+        seq, data = self._histories.append(project_id, event, now, op_key)
         if data is not None:
             self._registry.deliver(project_id, text_frame(data), exclude, seq)
         return succeed(seq)

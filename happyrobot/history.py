@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict, deque
-from functools import partial
 from itertools import islice
-from typing import Callable
 
 #: (user id, operation id): the key under which a retried event is recognised.
 OpKey = tuple[str, str]
@@ -47,14 +45,13 @@ class RoomHistory:
         max_events: int,
         max_age_seconds: float,
         max_bytes: int = sys.maxsize,
+        total: ByteCount | None = None,
     ) -> None:
         self.seq = first_seq - 1  # the last number given out
         #: The bytes of the kept events (with their ``seq``).
         self.bytes = 0
-        #: Called with each change of C{bytes}, and after each new event is
-        #: kept (L{Histories} sets both).
-        self.on_bytes: Callable[[int], None] | None = None
-        self.on_append: Callable[[], None] | None = None
+        #: What all the rooms of a L{Histories} keep, kept up to date here.
+        self.total = total or ByteCount()
         self._max_events = max_events
         self._max_age = max_age_seconds
         self._max_bytes = max_bytes
@@ -76,12 +73,12 @@ class RoomHistory:
         self.seq += 1
         data = with_seq(event, self.seq)
         self._events.append((self.seq, now, data))
-        self._kept(len(data))
+        size = len(data)
+        self.bytes += size
+        self.total.bytes += size
         if op_key is not None:
             self._ops[op_key] = self.seq
         self.trim(now)
-        if self.on_append is not None:
-            self.on_append()
         return self.seq, data
 
     def since(self, seq: int, now: float) -> list[bytes] | None:
@@ -107,7 +104,8 @@ class RoomHistory:
         ):
             size -= len(events.popleft()[2])
         if size != self.bytes:
-            self._kept(size - self.bytes)
+            self.total.bytes -= self.bytes - size
+            self.bytes = size
         if self._ops:
             oldest = events[0][0] if events else self.seq + 1
             for key in list(self._ops):  # in insertion order, so oldest first
@@ -115,14 +113,18 @@ class RoomHistory:
                     break
                 del self._ops[key]
 
-    def _kept(self, change: int) -> None:
-        self.bytes += change
-        if self.on_bytes is not None:
-            self.on_bytes(change)
-
     @property
     def empty(self) -> bool:
         return not self._events
+
+
+class ByteCount:
+    """A running count of bytes, shared by the histories of one L{Histories}."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 class Histories:
@@ -144,42 +146,43 @@ class Histories:
         self._max_age = max_age_seconds
         self._max_bytes = max_bytes
         self._max_total = max_total_bytes
-        self._total = 0
+        self._total = ByteCount()
         self._first_seq = 1  # above every number of a dropped history
         self._rooms: OrderedDict[str, RoomHistory] = OrderedDict()  # least recently appended first
 
     def get(self, project_id: str, now: float) -> RoomHistory:
         """
-        The room's history; a new one (numbered from C{now} in ms) is kept
-        only once an event is appended to it: use it at once.
+        The room's history, for reading; a room without one gets a new one
+        (numbered from C{now} in ms), which is kept only if L{append} adds
+        an event to it.
         """
         history = self._rooms.get(project_id)
         if history is None:
             history = RoomHistory(
                 max(self._first_seq, int(now * 1000)),
-                self._max_events, self._max_age, self._max_bytes,
+                self._max_events, self._max_age, self._max_bytes, self._total,
             )
-            history.on_bytes = self._count
-            history.on_append = partial(self._appended, project_id, history)
         return history
 
-    def _count(self, change: int) -> None:
-        self._total += change
-
-    def _appended(self, project_id: str, history: RoomHistory) -> None:
-        """Keep C{history} as the most recently appended; evict others while over the total."""
+    def append(
+        self, project_id: str, event: bytes, now: float, op_key: OpKey | None = None
+    ) -> tuple[int, bytes | None]:
+        """L{RoomHistory.append} to the room's history, within the total bound."""
         rooms = self._rooms
-        previous = rooms.pop(project_id, None)
-        if previous is not None and previous is not history:
-            self._drop(previous)
-        rooms[project_id] = history
-        while self._total > self._max_total and len(rooms) > 1:
+        history = rooms.get(project_id)
+        if history is None:
+            history = rooms[project_id] = self.get(project_id, now)
+        else:
+            rooms.move_to_end(project_id)
+        result = history.append(event, now, op_key)
+        while self._total.bytes > self._max_total and len(rooms) > 1:
             self._drop(rooms.popitem(last=False)[1])
+        return result
 
     def _drop(self, history: RoomHistory) -> None:
         """Stop counting C{history} (already out of C{_rooms})."""
-        self._total -= history.bytes
-        history.on_bytes = history.on_append = None
+        self._total.bytes -= history.bytes
+        history.total = ByteCount()
         self._first_seq = max(self._first_seq, history.seq + 1)
 
     def sweep(self, now: float) -> int:
@@ -196,7 +199,7 @@ class Histories:
     @property
     def total_bytes(self) -> int:
         """The bytes of the events kept in all rooms."""
-        return self._total
+        return self._total.bytes
 
     def __len__(self) -> int:
         return len(self._rooms)

@@ -100,12 +100,12 @@ class HistoriesTests(SynchronousTestCase):
     def test_epoch_is_creation_time_ms_and_sweep(self) -> None:
         """A room's numbering starts at its creation time in ms; aged-out rooms are dropped."""
         hs = Histories(max_events=10, max_age_seconds=10)
-        self.assertEqual(hs.get("p1", now=1.5).append(event(0), 1.5)[0], 1500)
-        hs.get("p2", now=2).append(event(0), 2)
+        self.assertEqual(hs.append("p1", event(0), 1.5)[0], 1500)
+        hs.append("p2", event(0), 2)
         self.assertEqual(len(hs), 2)
         self.assertEqual(hs.sweep(now=5), 0)
         self.assertEqual(hs.sweep(now=20), 2)
-        self.assertEqual(hs.get("p1", now=30).append(event(0), 30)[0], 30000)
+        self.assertEqual(hs.append("p1", event(0), 30)[0], 30000)
 
 
 def sized(size: int) -> bytes:
@@ -183,24 +183,24 @@ class TotalBytesTests(SynchronousTestCase):
         """Over the total, whole histories go, least recently appended first."""
         hs = self.make()
         for room in "abc":
-            hs.get(room, 1).append(sized(100), 1)
+            hs.append(room, sized(100), 1)
         self.assertEqual((len(hs), hs.total_bytes), (3, 300))
-        hs.get("a", 1).append(sized(100), 1)  # 400: b, the least recently appended, goes
+        hs.append("a", sized(100), 1)  # 400: b, the least recently appended, goes
         self.assertEqual((len(hs), hs.total_bytes), (2, 300))
         self.assertIsNone(hs.get("b", 1).since(999, 1))  # b's event is gone
         self.assertEqual(seqs(hs.get("a", 1).since(999, 1)), [1000, 1001])
         self.assertEqual(seqs(hs.get("c", 1).since(999, 1)), [1000])
-        seq = hs.get("d", 1).append(sized(150), 1)[0]  # c, then a, go; numbered above b
+        seq = hs.append("d", sized(150), 1)[0]  # c, then a, go; numbered above b
         self.assertEqual((len(hs), hs.total_bytes), (1, 150))
         self.assertEqual((seq, seqs(hs.get("d", 1).since(1000, 1))), (1001, [1001]))
 
     def test_room_appended_to_is_never_evicted(self) -> None:
         """The room appended to stays even when it was the least recently appended."""
         hs = self.make()
-        hs.get("a", 1).append(sized(100), 1)
-        hs.get("b", 1).append(sized(100), 1)
-        hs.get("b", 1).append(sized(100), 1)
-        hs.get("a", 1).append(sized(100), 1)  # 400: b goes, not a
+        hs.append("a", sized(100), 1)
+        hs.append("b", sized(100), 1)
+        hs.append("b", sized(100), 1)
+        hs.append("a", sized(100), 1)  # 400: b goes, not a
         self.assertEqual((len(hs), hs.total_bytes), (1, 200))
         self.assertEqual(seqs(hs.get("a", 1).since(999, 1)), [1000, 1001])
 
@@ -208,7 +208,7 @@ class TotalBytesTests(SynchronousTestCase):
         """A room alone at the total is bounded by its per-room bound only."""
         hs = self.make(max_bytes=300, max_total=300)
         for _ in range(4):
-            hs.get("a", 1).append(sized(100), 1)
+            hs.append("a", sized(100), 1)
         self.assertEqual((len(hs), hs.total_bytes), (1, 300))
         self.assertEqual(seqs(hs.get("a", 1).since(1000, 1)), [1001, 1002, 1003])
 
@@ -218,16 +218,16 @@ class TotalBytesTests(SynchronousTestCase):
         millisecond: its new history numbers from above the dropped one.
         """
         hs = self.make()
-        hs.get("a", 1).append(sized(100), 1)
-        hs.get("a", 1).append(sized(100), 1)  # 1000, 1001
-        hs.get("b", 1).append(sized(200), 1)  # evicts a
+        hs.append("a", sized(100), 1)
+        hs.append("a", sized(100), 1)  # 1000, 1001
+        hs.append("b", sized(200), 1)  # evicts a
         self.assertEqual(len(hs), 1)
         self.assertIsNone(hs.get("a", 1).since(1000, 1))
-        self.assertEqual(hs.get("a", 1).append(sized(100), 1)[0], 1002)
+        self.assertEqual(hs.append("a", sized(100), 1)[0], 1002)
         self.assertIsNone(hs.get("a", 1).since(1000, 1))
         self.assertEqual(seqs(hs.get("a", 1).since(1001, 1)), [1002])
-        hs.get("b", 2).append(sized(200), 2)  # evicts a again; later, numbers follow the clock
-        self.assertEqual(hs.get("a", 5).append(sized(100), 5)[0], 5000)
+        hs.append("b", sized(200), 2)  # evicts a again; later, numbers follow the clock
+        self.assertEqual(hs.append("a", sized(100), 5)[0], 5000)
         self.assertIsNone(hs.get("a", 5).since(1002, 5))
 
     def test_read_stores_nothing(self) -> None:
@@ -237,10 +237,10 @@ class TotalBytesTests(SynchronousTestCase):
         self.assertIsNone(h.since(0, 1))
         self.assertEqual((h.seq, h.since(999, 1)), (999, []))
         self.assertEqual((len(hs), hs.total_bytes), (0, 0))
-        self.assertEqual(hs.get("new", 1).append(sized(100), 1)[0], 1000)  # same ms: as read
+        self.assertEqual(hs.append("new", sized(100), 1)[0], 1000)  # same ms: as read
         self.assertEqual(len(hs), 1)
         self.assertEqual(hs.get("other", 1).seq, 999)
-        self.assertEqual(hs.get("other", 2).append(sized(100), 2)[0], 2000)
+        self.assertEqual(hs.append("other", sized(100), 2)[0], 2000)
 
     def test_accounting_after_trims_and_sweep(self) -> None:
         """total_bytes is exactly what the rooms keep after trims by count, age, bytes and sweep."""
@@ -251,13 +251,13 @@ class TotalBytesTests(SynchronousTestCase):
             self.assertEqual(hs.total_bytes, held)
 
         for _ in range(7):  # by count: 5 kept
-            hs.get("a", 1).append(sized(50), 1)
+            hs.append("a", sized(50), 1)
         self.assertEqual(hs.total_bytes, 250)
         for size in (200, 200, 100):  # by bytes: 300 kept
-            hs.get("b", 2).append(sized(size), 2)
+            hs.append("b", sized(size), 2)
         self.assertEqual(hs.total_bytes, 550)
         check(2)
-        hs.get("c", 5).append(sized(100), 5)
+        hs.append("c", sized(100), 5)
         self.assertEqual(hs.get("a", 11.5).since(1005, 11.5), None)  # by age, on a read
         self.assertEqual(hs.total_bytes, 400)
         check(11.5)
@@ -276,7 +276,7 @@ class TotalBytesTests(SynchronousTestCase):
         now = 1.0
         for room, size, later in script:
             now += later
-            hs.get(room, now).append(sized(size), now)
+            hs.append(room, sized(size), now)
             rooms = [kept(hs.get(r, now), now) for r in "abcd"]
             self.assertLessEqual(max(sum(map(len, events)) for events in rooms), 600)
             self.assertEqual(hs.total_bytes, sum(len(e) for events in rooms for e in events))
