@@ -100,6 +100,12 @@ PRESENCE = b"P"
 BATCH = b"B"
 #: How long clean-up commands may take when the service stops.
 GOODBYE_TIMEOUT_SECONDS = 2.0
+#: At most one "Redis unreachable" line per this many seconds.
+UNREACHABLE_LOG_SECONDS = 10.0
+#: An event sent to Redis without an answer: it may or may not be stored,
+#: so the client retries it as it is (a retry with the same operationId is
+#: recognised, not delivered twice).
+UNCONFIRMED = "Redis did not confirm the event; send it again with the same operationId"
 #: First and longest wait between reconnection attempts (exponential backoff).
 RECONNECT_INITIAL_DELAY_SECONDS = 0.5
 RECONNECT_MAX_DELAY_SECONDS = 10.0
@@ -887,6 +893,9 @@ class RedisBus(Service):
         #: op key, the Deferred given to the caller).
         self._pending: dict[str, list[tuple[bytes, str | None, OpKey | None, Deferred[int]]]] = {}
         self._flush_call: Any = None
+        #: Requests failed by a lost link since the last log line about it.
+        self._unanswered = 0
+        self._unanswered_logged_at = -UNREACHABLE_LOG_SECONDS
 
     # ------------------------------------------------------------ Bus
 
@@ -964,8 +973,7 @@ class RedisBus(Service):
         def appended(reply: list[Any]) -> int:
             return int(reply[0])
 
-        return d.addCallbacks(appended, self._unavailable, errbackArgs=(
-            "The event could not be stored; try again",))
+        return d.addCallbacks(appended, self._unavailable, errbackArgs=(UNCONFIRMED,))
 
     def _append_batch(
         self,
@@ -994,7 +1002,7 @@ class RedisBus(Service):
                 d.callback(int(reply[2 * i]))
 
         def failed(failure: Failure) -> None:
-            failure = self._unavailable(failure, "The event could not be stored; try again")
+            failure = self._unavailable(failure, UNCONFIRMED)
             for _, _, _, d in appends:
                 d.errback(failure)
 
@@ -1070,11 +1078,20 @@ class RedisBus(Service):
         return max(1, int(self.history_ttl_seconds * 1000))
 
     def _unavailable(self, failure: Failure, message: str) -> Failure:
-        """Log why a script failed and fail with L{Unavailable} instead."""
+        """
+        Log why a script failed (a lost link at most once every
+        L{UNREACHABLE_LOG_SECONDS}, with how many requests it failed) and
+        fail with L{Unavailable} instead.
+        """
         if failure.check("txredisapi.ResponseError"):
             log.failure("a Redis script failed", failure)
         else:
-            log.warn("Redis unreachable: {why}", why=failure.getErrorMessage())
+            self._unanswered += 1
+            now = self._reactor.seconds()
+            if now - self._unanswered_logged_at >= UNREACHABLE_LOG_SECONDS:
+                log.warn("Redis unreachable: {why} ({n} requests failed since the last such line)",
+                         why=failure.getErrorMessage(), n=self._unanswered)
+                self._unanswered, self._unanswered_logged_at = 0, now
         return Failure(Unavailable(message))
 
     def _eval(self, script: _Script, keys: list[bytes], args: list[Any]) -> Deferred[Any]:
@@ -1284,6 +1301,9 @@ class RedisBus(Service):
     def _commands_lost(self, proto: Any) -> None:
         if proto is self._commands:
             self._commands = None
+            if self.running:
+                log.error("Redis link lost (commands): events are refused (UNAVAILABLE) "
+                          "until it is back")
             self._link_changed()
 
     def _subscriber_ready(self, proto: Any) -> None:
@@ -1303,6 +1323,9 @@ class RedisBus(Service):
             for channel in self._channels.values():
                 channel.confirmed = channel.subscribing = False
                 channel.stale = True
+            if self.running:
+                log.error("Redis link lost (subscription): this instance's members get the "
+                          "rooms' events again once it is back, the missed ones from the history")
             self._link_changed()
 
     def _answered(self, _: object = None) -> None:
@@ -1321,12 +1344,6 @@ class RedisBus(Service):
                 self._forget(Deferred.fromCoroutine(self._beat(reregister=True)))
             self._changed()
             return
-        if self.running and self._commands is None:
-            log.error("Redis link lost: events are refused (UNAVAILABLE) until it is back, "
-                      "then the missed ones are delivered from the rooms' history")
-        elif self.running:
-            log.error("Redis subscription lost: events are stored but reach this instance's "
-                      "members only once it is back, from the rooms' history")
         # What waited for a SUBSCRIBE will not reach Redis now: local members get it.
         for channel in self._channels.values():
             backlog, channel.backlog = channel.backlog, []

@@ -352,8 +352,19 @@ class CollabProtocol(WebSocketServerProtocol):
                 and self._bucket.abusive and not self._closed()):
             log.warn("{client_id} kept sending frames past its rate limit; closing with 1008",
                      client_id=self.client_id)
-            self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
+            self._cut_off()
         super().onFrameBegin()
+
+    def _cut_off(self) -> None:
+        """
+        Close an abusive client with 1008 and stop reading from it at once:
+        waiting for its close reply would mean parsing its flood meanwhile
+        (for up to the close handshake timeout), at every other client's
+        expense.
+        """
+        self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
+        self.wasNotCleanReason = "rate limit exceeded"
+        self.dropConnection(abort=False)  # the close frame is written first
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._closed():
@@ -426,7 +437,7 @@ class CollabProtocol(WebSocketServerProtocol):
         if self._bucket is not None and self._bucket.abusive:
             log.warn("{client_id} kept sending past its rate limit; closing with 1008",
                      client_id=self.client_id)
-            self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
+            self._cut_off()
             return
         err = messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down")
         self.factory.metrics.error(err.code)

@@ -240,6 +240,30 @@ class MergeTests(SynchronousTestCase):
         self.assertIn(b'"userCount":2', m.frames[0])
 
 
+class UnreachableLogTests(SynchronousTestCase):
+    """A lost link fails many requests at once; the log says so in one line."""
+
+    def test_one_line_per_ten_seconds_with_a_count(self) -> None:
+        """Failures are logged at most every 10 s, with how many there were."""
+        from twisted.logger import LogLevel, capturedLogs
+        from twisted.python.failure import Failure
+
+        clock = Clock()
+        bus = RedisBus(RoomRegistry(clock, 0.0), "redis://127.0.0.1:1/0", clock)
+        lost = Failure(ConnectionError("Not received Redis response in 5.0 seconds"))
+        with capturedLogs() as captured:
+            for _ in range(300):
+                failure = bus._unavailable(lost, "m")
+                self.assertIsInstance(failure.value, Unavailable)
+            clock.advance(9.9)
+            bus._unavailable(lost, "m")
+            clock.advance(0.1)
+            bus._unavailable(lost, "m")
+        warned = [e for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["n"] for e in warned], [1, 301])
+        self.assertIn("5.0 seconds", warned[0]["why"])
+
+
 class RedisSettingTests(SynchronousTestCase):
     """REDIS_URL and the service wiring it selects."""
 

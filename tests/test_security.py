@@ -425,3 +425,32 @@ class BadHandshakeLogTests(SynchronousTestCase):
         lines = [formatEvent(e) for e in captured if e["log_level"] >= LogLevel.warn]
         self.assertTrue(any("vvvv" in line for line in lines), lines)
         self.assertLess(max(len(line) for line in lines), 400)
+
+
+class FloodCutOffTests(SynchronousTestCase):
+    """A client closed for flooding is not read any further."""
+
+    server = HandshakeTimeoutTests.server
+
+    def test_no_wait_for_the_close_reply(self) -> None:
+        """
+        After its 1008 the connection is dropped at once, without waiting
+        for a close reply (which a flooder would never send, while its
+        flood would be parsed until the close handshake timed out).
+        """
+        from tests.test_framing import client_frame
+
+        _, proto, transport = self.server(5)
+        transport.protocol = proto
+        proto.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        ws = transport.protocol  # the WebSocket protocol took the connection over
+        transport.clear()
+        ws.dataReceived(client_frame(b"", opcode=9) * 500)  # burst 200, then 201 refused
+        self.assertTrue(transport.disconnecting)
+        out = transport.value()
+        close = b"\x88\x15\x03\xf0Rate limit exceeded"
+        self.assertTrue(out.endswith(close), out[-40:])  # and nothing after it
+        self.assertEqual(out.count(b"\x8a\x00"), 400)  # the pongs of the pings before the cut
