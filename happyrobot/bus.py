@@ -473,27 +473,44 @@ return reply
 
 #: Read a room's events after a seq.
 #: KEYS: seq key, history stream.  ARGV: since ('' for the seq alone),
-#: history size, history TTL in ms.  Returns {seq, 0} when the history
-#: does not reach back to since (or since is above seq), else
-#: {seq, 1, event, sender tag, event, sender tag, ...} oldest first.
+#: history size, history TTL in ms, '1' to get what is kept when the
+#: history does not reach back to since.  Returns
+#: {seq, 1, event, sender tag, event, sender tag, ...} oldest first, or
+#: when the history does not reach back to since (or since is above seq)
+#: {seq, 0}; with ARGV[4] '1', rather every event still in the stream
+#: after since ({seq, 1, ...}, even beyond the history size), or if the
+#: stream does not reach back to since either, {seq, 2, oldest - 1, event,
+#: sender tag, ...}: every event it keeps, after oldest - 1.
 READ_SCRIPT = _LUA_COMMON + r"""
 local now = now_ms()
 local ttl = tonumber(ARGV[3])
 local oldest = trim_age(KEYS[2], now - ttl)
 local seq = current_seq(KEYS[1], KEYS[2], now, ttl)
+local function read_after(from, reply)
+  local entries = redis.call('XRANGE', KEYS[2], num(from + 1) .. '-0', num(seq) .. '-0')
+  if #entries ~= seq - from then return nil end
+  for _, entry in ipairs(entries) do
+    reply[#reply + 1] = entry[2][4]
+    reply[#reply + 1] = entry[2][6] or ''
+  end
+  return reply
+end
+local function not_kept(since)
+  if ARGV[4] == '1' and oldest and oldest <= seq then
+    -- Beyond HISTORY_SIZE but still in the stream (trimmed roughly): all of it.
+    local reply = since >= oldest - 1 and since < seq and read_after(since, {seq, 1})
+    if reply then return reply end
+    reply = read_after(oldest - 1, {seq, 2, oldest - 1})
+    if reply then return reply end
+  end
+  return {seq, 0}
+end
 if ARGV[1] == '' then return {seq, 0} end
 local since = tonumber(ARGV[1])
-if since > seq or seq - since > tonumber(ARGV[2]) then return {seq, 0} end
+if since > seq or seq - since > tonumber(ARGV[2]) then return not_kept(since) end
 if since == seq then return {seq, 1} end
-if not oldest or oldest > since + 1 then return {seq, 0} end
-local entries = redis.call('XRANGE', KEYS[2], num(since + 1) .. '-0', num(seq) .. '-0')
-if #entries ~= seq - since then return {seq, 0} end
-local reply = {seq, 1}
-for _, entry in ipairs(entries) do
-  reply[#reply + 1] = entry[2][4]
-  reply[#reply + 1] = entry[2][6] or ''
-end
-return reply
+if not oldest or oldest > since + 1 then return not_kept(since) end
+return read_after(since, {seq, 1}) or not_kept(since)
 """
 
 
@@ -1033,7 +1050,7 @@ class RedisBus(Service):
             if self._commands is None:
                 raise Unavailable(message)
         try:
-            seq, entries = await self._read(project_id, since)
+            seq, entries, _ = await self._read(project_id, since)
         except Exception:
             self._unavailable(Failure(), message).raiseException()
         if channel is not None:
@@ -1050,18 +1067,26 @@ class RedisBus(Service):
                          "resuming anyway", project_id=project_id, seq=seq)
         return Replay(None if entries is None else entries[::2], seq)
 
-    def _read(self, project_id: str, since: int | None) -> Deferred[tuple[int, list[bytes] | None]]:
+    def _read(
+        self, project_id: str, since: int | None, kept: bool = False
+    ) -> Deferred[tuple[int, list[bytes] | None, int | None]]:
         """
         Run the read script: the room's seq, and its events after C{since}
         with their sender tags (C{[event, tag, event, tag...]}), None when
-        the history does not reach back (or C{since} is None).
+        the history does not reach back (or C{since} is None).  With
+        C{kept}, a history that does not reach back gives the events it
+        still has instead, and the seq they follow (else None).
         """
         d = self._eval(_READ, [seq_key(project_id), history_key(project_id)], [
             b"" if since is None else b"%d" % since, self.history_size, self._history_ttl_ms(),
+            b"1" if kept else b"",
         ])
 
-        def parsed(reply: list[Any]) -> tuple[int, list[bytes] | None]:
-            return int(reply[0]), (list(reply[2:]) if int(reply[1]) else None)
+        def parsed(reply: list[Any]) -> tuple[int, list[bytes] | None, int | None]:
+            found = int(reply[1])
+            if found == 2:
+                return int(reply[0]), list(reply[3:]), int(reply[2])
+            return int(reply[0]), (list(reply[2:]) if found else None), None
 
         return d.addCallback(parsed)
 
@@ -1410,9 +1435,9 @@ class RedisBus(Service):
 
     def _read_for(self, project_id: str, channel: _Channel, since: int | None) -> None:
         channel.reading = True
-        d = self._read(project_id, since)
+        d = self._read(project_id, since, kept=True)
 
-        def done(result: tuple[int, list[bytes] | None] | Failure) -> None:
+        def done(result: tuple[int, list[bytes] | None, int | None] | Failure) -> None:
             channel.reading = False
             if self._channels.get(project_id) is not channel:
                 return  # the room closed meanwhile
@@ -1430,19 +1455,30 @@ class RedisBus(Service):
         d.addBoth(done)
 
     def _caught_up(
-        self, project_id: str, channel: _Channel, seq: int, entries: list[bytes] | None
+        self,
+        project_id: str,
+        channel: _Channel,
+        seq: int,
+        entries: list[bytes] | None,
+        resync_at: int | None = None,
     ) -> None:
-        """Deliver what the history holds after C{channel.last}, then what waited."""
+        """
+        Deliver what the history holds after C{channel.last}, then what
+        waited.  When the history no longer reaches back that far, the
+        members are told RESYNC_REQUIRED, at the seq before the events it
+        still keeps (C{resync_at}), and get those, or at C{seq}.
+        """
         last = channel.last
         assert last is not None
-        if entries is None:
+        if entries is None or resync_at is not None:
+            at = seq if resync_at is None else resync_at
             log.warn("{project_id}: events after {last} are no longer in the history; "
-                     "RESYNC_REQUIRED at {seq}", project_id=project_id, last=last, seq=seq)
+                     "RESYNC_REQUIRED at {at}", project_id=project_id, last=last, at=at)
             now_ms = int(self._reactor.seconds() * 1000)
-            frame = text_frame(messages.resync_required(project_id, seq, now_ms))
+            frame = text_frame(messages.resync_required(project_id, at, now_ms))
             self._registry.deliver(project_id, frame)
-            channel.last = seq
-        else:
+            channel.last = last = at
+        if entries is not None:
             if entries:
                 log.info("{project_id}: delivering {n} events missed by the subscription",
                          project_id=project_id, n=len(entries) // 2)

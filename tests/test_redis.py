@@ -1150,6 +1150,45 @@ class OutageTests(BusTestCase):
         await member.until(live)
         self.assertEqual(member.seqs(), seqs + missed + [live])
 
+    async def test_catch_up_past_the_history_delivers_what_is_kept(self) -> None:
+        """
+        When more events were published while A's subscription was down
+        than the history keeps, A's members are told RESYNC_REQUIRED at
+        the seq before the oldest kept event, then get every kept event:
+        only what is really gone is left to the reload.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis, history_size=3), await self.start_bus(redis, history_size=3)
+        member = await a.member("a1")
+        first = await b.bus.append("p1", raw_event("x"))
+        await member.until(first)
+        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
+        # Redis trims a stream roughly (MAXLEN ~): trim it exactly here.
+        await redis.command("XTRIM", "happyrobot:history:p1", "MAXLEN", "3")
+        await a.settled()
+        live = await b.bus.append("p1", raw_event("z"))
+        await member.until(live)
+        self.assertEqual(member.seqs(), [first, -missed[1], *missed[2:], live])
+
+    async def test_catch_up_beyond_the_history_size_delivers_all(self) -> None:
+        """
+        Events past HISTORY_SIZE that the stream still holds (Redis trims
+        it roughly) are all delivered to an instance catching up: no
+        RESYNC_REQUIRED while nothing is lost.
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis, history_size=3), await self.start_bus(redis, history_size=3)
+        member = await a.member("a1")
+        first = await b.bus.append("p1", raw_event("x"))
+        await member.until(first)
+        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
+        await a.settled()
+        live = await b.bus.append("p1", raw_event("z"))
+        await member.until(live)
+        self.assertEqual(member.seqs(), [first, *missed, live])
+
     async def test_append_refused_while_redis_down(self) -> None:
         """While Redis is unreachable an append fails with UNAVAILABLE and delivers nothing."""
         redis = await self.start_redis()
