@@ -102,10 +102,10 @@ BATCH = b"B"
 GOODBYE_TIMEOUT_SECONDS = 2.0
 #: At most one "Redis unreachable" line per this many seconds.
 UNREACHABLE_LOG_SECONDS = 10.0
-#: An event sent to Redis without an answer: it may or may not be stored,
-#: so the client retries it as it is (a retry with the same operationId is
-#: recognised, not delivered twice).
-UNCONFIRMED = "Redis did not confirm the event; send it again with the same operationId"
+#: An event sent to Redis without an answer: it may or may not be stored.
+#: Sent again with "ack": true and the same operationId, it is recognised
+#: if it was stored (not delivered twice); without ack it may be.
+UNCONFIRMED = "Redis did not confirm the event; it may have been stored"
 #: First and longest wait between reconnection attempts (exponential backoff).
 RECONNECT_INITIAL_DELAY_SECONDS = 0.5
 RECONNECT_MAX_DELAY_SECONDS = 10.0
@@ -753,9 +753,18 @@ def _protocol_classes() -> tuple[type, type]:
             except Exception:
                 log.failure("error setting up a Redis connection")
 
+        def refused(failure: Failure) -> None:
+            # A timeout has dropped the connection already; an error reply
+            # (LOADING while Redis reads its data, NOAUTH, ...) has not:
+            # drop it, and the service connects again after its backoff.
+            if not failure.check("txredisapi.ConnectionError"):
+                log.warn("Redis answered PING with {why}; connecting again",
+                         why=failure.getErrorMessage())
+                proto.transport.abortConnection()
+
         def ping(_: object) -> None:
             if proto._ready:
-                proto.ping().addCallbacks(answered, lambda f: None)  # lost: reconnecting
+                proto.ping().addCallbacks(answered, refused)
 
         return d.addCallback(ping)
 
@@ -792,7 +801,7 @@ class RedisBus(Service):
 
     Two connections, each kept up by a L{ClientService} with exponential
     backoff: one for commands and one in subscriber mode (Redis allows
-    nothing but (UN)SUBSCRIBE on it).  The instance subscribes to a room's
+    nothing but (UN)SUBSCRIBE and PING on it).  The instance subscribes to a room's
     channel when the room gets its first local member and unsubscribes when
     it loses its last one (the registry tells us through L{room_opened} and
     L{room_closed}).
@@ -832,8 +841,9 @@ class RedisBus(Service):
     its field and announces the change, so its members disappear within
     about 1.3 C{instance_ttl}.  That check and the removal are one script
     (an instance registering again in between keeps its field).  A room's
-    presence hash expires C{history_ttl_seconds} after the last instance
-    with members there stopped refreshing it (a crash of the last one).
+    presence hash expires C{history_ttl_seconds} (at least 3
+    C{instance_ttl}) after the last instance with members there stopped
+    refreshing it (a crash of the last one).
 
     Faults: while either connection is down the bus is not L{healthy}
     (``/health`` says degraded).  While the command connection is down
@@ -1101,6 +1111,11 @@ class RedisBus(Service):
 
     def _history_ttl_ms(self) -> int:
         return max(1, int(self.history_ttl_seconds * 1000))
+
+    def _presence_ttl_ms(self) -> int:
+        # Refreshed every third of the history TTL, checked at each beat:
+        # longer than the longest gap between two refreshes.
+        return max(self._history_ttl_ms(), int(3000 * self.instance_ttl))
 
     def _unavailable(self, failure: Failure, message: str) -> Failure:
         """
@@ -1566,7 +1581,7 @@ class RedisBus(Service):
         self._forget(self._command("HSET", key, self._instance, messages.dumps(active_users)))
         # Kept alive by every instance with members there (_keep_keys), so
         # the hash of a room whose last instance crashed does not stay for ever.
-        self._forget(self._command("PEXPIRE", key, self._history_ttl_ms()))
+        self._forget(self._command("PEXPIRE", key, self._presence_ttl_ms()))
         envelope = pack_envelope(PRESENCE, self._instance, None, b"")
         self._send(project_id, envelope, lambda: self._registry.send_presence(
             project_id, self._registry.active_users(project_id)))
@@ -1632,6 +1647,7 @@ class RedisBus(Service):
         ttl = self._history_ttl_ms()
         for project_id in list(self._channels):
             self._forget(self._command("PEXPIRE", seq_key(project_id), ttl))
+        ttl = self._presence_ttl_ms()
         for project_id in list(self._registered):
             self._forget(self._command("PEXPIRE", presence_key(project_id), ttl))
 

@@ -101,9 +101,11 @@ SETTINGS = (
     Setting("HISTORY_TTL_SECONDS", "history-ttl-seconds", "300",
             "how long a room's events are kept for resuming clients (v2)"),
     Setting("HISTORY_MAX_BYTES", "history-max-bytes", "1048576",
-            "bytes of events kept per room for resuming clients (v2)"),
+            "without REDIS_URL: bytes of events kept per room for resuming clients "
+            "(v2; unset: at most HISTORY_TOTAL_BYTES)"),
     Setting("HISTORY_TOTAL_BYTES", "history-total-bytes", "67108864",
-            "bytes of events kept for resuming clients across all rooms (v2)"),
+            "without REDIS_URL: bytes of events kept for resuming clients across all "
+            "rooms (v2)"),
     Setting("DRAIN_WINDOW_SECONDS", "drain-window-seconds", "5",
             "on SIGTERM, WebSockets are closed with 1001 spread over this many seconds "
             "(reconnects then do not stampede the other instances); below "
@@ -372,7 +374,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "HISTORY_SIZE": ("history_size", lambda v: int(_number("HISTORY_SIZE", v, 1, True))),
     "HISTORY_TTL_SECONDS": ("history_ttl_seconds",
                             lambda v: _number("HISTORY_TTL_SECONDS", v, 1)),
-    # At least one event of the largest size a client may send.
+    # A larger event is still kept, alone (history.RoomHistory.trim).
     "HISTORY_MAX_BYTES": ("history_max_bytes",
                           lambda v: int(_number("HISTORY_MAX_BYTES", v, 65536, True))),
     "HISTORY_TOTAL_BYTES": ("history_total_bytes",
@@ -409,6 +411,9 @@ def load_config(
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
     config = Config(**values)  # type: ignore[arg-type]
+    if "history_max_bytes" not in values:
+        config = replace(config, history_max_bytes=min(config.history_max_bytes,
+                                                       config.history_total_bytes))
     if config.history_max_bytes > config.history_total_bytes:
         raise ConfigError(f"HISTORY_MAX_BYTES ({config.history_max_bytes}) must not exceed "
                           f"HISTORY_TOTAL_BYTES ({config.history_total_bytes})")

@@ -99,8 +99,12 @@ class RoomHistory:
         events = self._events
         cutoff = now - self._max_age
         size = self.bytes
+        # The newest event stays whatever its size: a retry of it must be
+        # recognised, and one large event must not wipe the room's history.
         while events and (
-            len(events) > self._max_events or size > self._max_bytes or events[0][1] < cutoff
+            len(events) > self._max_events
+            or (size > self._max_bytes and len(events) > 1)
+            or events[0][1] < cutoff
         ):
             size -= len(events.popleft()[2])
         if size != self.bytes:
@@ -116,6 +120,10 @@ class RoomHistory:
     @property
     def empty(self) -> bool:
         return not self._events
+
+
+#: At most this many rooms read without a history are remembered.
+MAX_FLOORS = 100_000
 
 
 class ByteCount:
@@ -149,18 +157,31 @@ class Histories:
         self._total = ByteCount()
         self._first_seq = 1  # above every number of a dropped history
         self._rooms: OrderedDict[str, RoomHistory] = OrderedDict()  # least recently appended first
+        #: Rooms read without a history: the seq a reader was given, and
+        #: when.  The room's numbering goes on from it, so a client told
+        #: RESYNC_REQUIRED with it resumes from there without a gap; kept
+        #: as long as an event would be, and at most MAX_FLOORS of them.
+        self._floors: dict[str, tuple[int, float]] = {}
 
     def get(self, project_id: str, now: float) -> RoomHistory:
         """
-        The room's history, for reading; a room without one gets a new one
-        (numbered from C{now} in ms), which is kept only if L{append} adds
-        an event to it.
+        The room's history, for reading (add events with L{append}).  A
+        room without one gets an empty one, numbered from C{now} in ms or
+        from the seq an earlier read was given, which is not kept.
         """
         history = self._rooms.get(project_id)
         if history is None:
+            floor = self._floors.get(project_id)
+            if floor is None:
+                first = max(self._first_seq, int(now * 1000))
+                if len(self._floors) >= MAX_FLOORS:
+                    oldest = next(iter(self._floors))
+                    self._first_seq = max(self._first_seq, self._floors.pop(oldest)[0] + 1)
+                self._floors[project_id] = (first - 1, now)
+            else:
+                first = floor[0] + 1
             history = RoomHistory(
-                max(self._first_seq, int(now * 1000)),
-                self._max_events, self._max_age, self._max_bytes, self._total,
+                first, self._max_events, self._max_age, self._max_bytes, self._total
             )
         return history
 
@@ -172,6 +193,7 @@ class Histories:
         history = rooms.get(project_id)
         if history is None:
             history = rooms[project_id] = self.get(project_id, now)
+            del self._floors[project_id]
         else:
             rooms.move_to_end(project_id)
         result = history.append(event, now, op_key)
@@ -194,6 +216,11 @@ class Histories:
                 del self._rooms[project_id]
                 self._drop(history)
                 dropped += 1
+        cutoff = now - self._max_age
+        for project_id, (seq, read_at) in list(self._floors.items()):
+            if read_at < cutoff:
+                del self._floors[project_id]
+                self._first_seq = max(self._first_seq, seq + 1)
         return dropped
 
     @property

@@ -138,7 +138,7 @@ def _project_id(obj: Mapping[str, Any], op: str | None) -> str:
     value = obj.get("projectId")
     if value is None or value == "":
         raise ProtocolError("MISSING_PROJECT_ID", "projectId is required", op)
-    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or _has_surrogate(value):
         raise ProtocolError(
             "INVALID_PROJECT_ID",
             f"projectId must be a string of at most {MAX_ID_CHARS} characters",
@@ -147,8 +147,17 @@ def _project_id(obj: Mapping[str, Any], op: str | None) -> str:
     return value
 
 
+def _has_surrogate(value: str) -> bool:
+    """
+    Whether an id holds a lone surrogate (see L{loads}): such ids could not
+    be sent on to the back end (URLs, PROJECT_AUTH_URL), so they are refused.
+    """
+    return not value.isascii() and _SURROGATE.search(value) is not None
+
+
 def _user_id(value: Any, op: str | None) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    if (not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS
+            or _has_surrogate(value)):
         raise ProtocolError(
             "INVALID_USER_ID",
             f"userId must be a non-empty string of at most {MAX_ID_CHARS} characters",

@@ -426,6 +426,8 @@ class DeadlineChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Twisted clears timeOut while a request is handled: keep our own.
+        self._time_allowed = self.timeOut
         self._arm()
 
     def allContentReceived(self) -> None:
@@ -433,17 +435,19 @@ class DeadlineChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
+        # The next request's time starts now, before Twisted reads on: it
+        # may have been sent already (pipelined), whole (allContentReceived
+        # then disarms at once) or in part.
+        self._arm()
         super().requestDone(request)
-        if not self.requests:
-            self._arm()  # keep-alive: the next request has the same time
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._disarm()
         super().connectionLost(reason)
 
     def _arm(self) -> None:
-        if self.timeOut and self._deadline is None:
-            self._deadline = self.callLater(self.timeOut, self._expired)
+        if self._time_allowed and self._deadline is None:
+            self._deadline = self.callLater(self._time_allowed, self._expired)
 
     def _disarm(self) -> None:
         if self._deadline is not None:

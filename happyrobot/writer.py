@@ -210,9 +210,8 @@ class SocketWriter:
     def write(self, data: bytes, bounded: bool = True) -> None:
         """
         Write C{data} after everything written before.  With C{bounded}
-        (event frames), nothing is written once more than the bound is
-        waiting; the small frames of the protocol itself (close, ping,
-        pong) always go.
+        (event frames, pongs), nothing is written once more than the bound
+        is waiting; the protocol's own close and ping frames always go.
         """
         if not self.buffered and self._socket is not None:
             try:

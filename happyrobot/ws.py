@@ -365,6 +365,12 @@ class CollabProtocol(WebSocketServerProtocol):
         self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
         self.wasNotCleanReason = "rate limit exceeded"
         self.dropConnection(abort=False)  # the close frame is written first
+        # ... if the client reads it: one that does not is cut off.
+        assert self.transport is not None
+        self._abort_call = self.factory.clock.callLater(
+            self.factory.closeHandshakeTimeout,
+            self.transport.abortConnection,  # type: ignore[attr-defined]  # TCP's
+        )
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._closed():
@@ -462,7 +468,11 @@ class CollabProtocol(WebSocketServerProtocol):
         self.factory.metrics.closed(code)
         self.factory.connection_closed()
 
+    _abort_call: Any = None
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         super().connectionLost(reason)
         # Undo the two reference cycles of a connection (the writer calls
         # back into us; Autobahn's is_closed holds us as its result), so

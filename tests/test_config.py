@@ -783,7 +783,7 @@ class HistoryBytesTests(SynchronousTestCase):
         self.assertEqual((cfg.history_max_bytes, cfg.history_total_bytes), (1 << 20, 1 << 26))
 
     def test_minimums(self) -> None:
-        """Each takes a whole number of at least 64 KiB (one event of the largest size)."""
+        """Each takes a whole number of at least 64 KiB."""
         for env in ("HISTORY_MAX_BYTES", "HISTORY_TOTAL_BYTES"):
             self.assertEqual(_error(self, env, "65535"),
                              f"{env} must be at least 65536, got '65535'")
@@ -795,10 +795,15 @@ class HistoryBytesTests(SynchronousTestCase):
 
     def test_per_room_above_total_refused(self) -> None:
         """A room may not keep more than all rooms together: one line names both."""
-        for env, value, room, total in (
-            ("HISTORY_TOTAL_BYTES", "1048575", 1048576, 1048575),
-            ("HISTORY_MAX_BYTES", "67108865", 67108865, 67108864),
+        for environ, room, total in (
+            ({"HISTORY_MAX_BYTES": "67108865"}, 67108865, 67108864),
+            ({"HISTORY_MAX_BYTES": "1048576", "HISTORY_TOTAL_BYTES": "1048575"}, 1048576, 1048575),
         ):
-            e = self.assertRaises(ConfigError, load_config, {}, {env: value})
+            e = self.assertRaises(ConfigError, load_config, {}, environ)
             self.assertEqual(str(e), f"HISTORY_MAX_BYTES ({room}) must not exceed "
                                      f"HISTORY_TOTAL_BYTES ({total})")
+
+    def test_unset_per_room_fits_a_smaller_total(self) -> None:
+        """Unset, the per-room bound is 1 MiB or the whole total, if that is smaller."""
+        cfg = load_config({}, {"HISTORY_TOTAL_BYTES": "500000"})
+        self.assertEqual((cfg.history_max_bytes, cfg.history_total_bytes), (500000, 500000))

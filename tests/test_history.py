@@ -148,14 +148,20 @@ class ByteBoundTests(SynchronousTestCase):
         self.assertEqual((seqs(kept(h, 0)), h.bytes), ([1000, 1001, 1002], 300))
 
     def test_event_over_the_bound_alone(self) -> None:
-        """An event larger than the bound is numbered but not kept: resuming before it resyncs."""
+        """
+        An event larger than the bound is kept, alone: the older ones go,
+        but it is not lost itself, and a retry of it is recognised.
+        """
         h = RoomHistory(1000, max_events=100, max_age_seconds=60, max_bytes=150)
         h.append(sized(100), 0)
-        seq, data = h.append(sized(200), 0)
+        seq, data = h.append(sized(200), 0, ("u", "big"))
         self.assertEqual((seq, len(data or b"")), (1001, 200))
-        self.assertEqual((h.empty, h.bytes), (True, 0))
-        self.assertIsNone(h.since(1000, 0))
-        self.assertEqual(h.since(1001, 0), [])
+        self.assertEqual(h.bytes, 200)
+        self.assertIsNone(h.since(999, 0))
+        self.assertEqual(seqs(h.since(1000, 0)), [1001])
+        self.assertEqual(h.append(sized(200), 0, ("u", "big")), (1001, None))
+        h.append(sized(100), 0)  # the next one pushes it out
+        self.assertEqual((h.bytes, seqs(h.since(1001, 0))), (100, [1002]))
 
     def test_retry_after_byte_trim(self) -> None:
         """A retry of an event trimmed by bytes is a new event; one still kept is recognised."""
@@ -230,17 +236,30 @@ class TotalBytesTests(SynchronousTestCase):
         self.assertEqual(hs.append("a", sized(100), 5)[0], 5000)
         self.assertIsNone(hs.get("a", 5).since(1002, 5))
 
-    def test_read_stores_nothing(self) -> None:
-        """Reading a room without history keeps nothing; its numbers still grow."""
+    def test_read_stores_no_history(self) -> None:
+        """
+        Reading a room without history stores no history, only the seq the
+        reader was given: the room's numbering goes on from it, so a client
+        told RESYNC_REQUIRED with it resumes without a gap.
+        """
         hs = self.make()
         h = hs.get("new", 1)
         self.assertIsNone(h.since(0, 1))
         self.assertEqual((h.seq, h.since(999, 1)), (999, []))
         self.assertEqual((len(hs), hs.total_bytes), (0, 0))
-        self.assertEqual(hs.append("new", sized(100), 1)[0], 1000)  # same ms: as read
+        self.assertEqual(hs.get("new", 30).since(999, 30), [])  # later: still no gap
+        self.assertEqual(hs.append("new", sized(100), 40)[0], 1000)
+        self.assertEqual(seqs(hs.get("new", 40).since(999, 40)), [1000])
         self.assertEqual(len(hs), 1)
         self.assertEqual(hs.get("other", 1).seq, 999)
-        self.assertEqual(hs.append("other", sized(100), 2)[0], 2000)
+        self.assertEqual(hs.append("other", sized(100), 2)[0], 1000)
+
+    def test_read_rooms_forgotten_after_the_age_bound(self) -> None:
+        """A room read long ago (past the age bound) is numbered from the clock again."""
+        hs = self.make()
+        self.assertEqual(hs.get("old", 1).seq, 999)
+        hs.sweep(1 + 61)
+        self.assertEqual(hs.get("old", 70).seq, 69_999)
 
     def test_accounting_after_trims_and_sweep(self) -> None:
         """total_bytes is exactly what the rooms keep after trims by count, age, bytes and sweep."""

@@ -1266,10 +1266,10 @@ class SurrogateTests(SynchronousTestCase):
     def test_user_info_and_presence(self) -> None:
         """A userInfo name holding a lone surrogate is kept, and presence round-trips."""
         msg = messages.parse(
-            b'{"type":"SET_USER","payload":{"userId":"u\\ud83d",'
+            b'{"type":"SET_USER","payload":{"userId":"u1",'
             b'"userInfo":{"name":"\\ud83d Ann","email":"a@x","extra":"\\udc00"}}}'
         )
-        self.assertEqual(msg, SetUser("u\ud83d", {"name": "\ud83d Ann", "email": "a@x"}))
+        self.assertEqual(msg, SetUser("u1", {"name": "\ud83d Ann", "email": "a@x"}))
         assert isinstance(msg, SetUser) and msg.user_id is not None
         users = [{"userId": msg.user_id, "initials": messages.initials(msg.user_id, msg.user_info)}]
         self.assertEqual(users[0]["initials"], "\ud83dA")
@@ -1290,7 +1290,7 @@ class SurrogateTests(SynchronousTestCase):
     def test_broadcast(self) -> None:
         """A POST /broadcast body with lone surrogates is accepted and round-trips."""
         event = messages.parse_broadcast(
-            b'{"type":"T\\ud83d","projectId":"p1","userId":"u\\udc00",'
+            b'{"type":"T\\ud83d","projectId":"p1","userId":"u1",'
             b'"operationId":"o\\ud83d","payload":{"title":"Launch \\ud83d"}}'
         )
         self.assertEqual(
@@ -1300,7 +1300,7 @@ class SurrogateTests(SynchronousTestCase):
                 "payload": {"title": "Launch \ud83d"},
                 "operationId": "o\ud83d",
                 "timestamp": NOW_MS,
-                "userId": "u\udc00",
+                "userId": "u1",
                 "projectId": "p1",
             },
         )
@@ -1476,3 +1476,25 @@ class ParsePropertyTests(SynchronousTestCase):
         closer = b"]" if opener == b"[" else b"}"
         inner = b"1" if opener == b'{"a":' else b""
         self._check_parse(opener * depth + inner + closer * depth)
+
+
+class SurrogateIdTests(SynchronousTestCase):
+    """Ids are sent on to the back end (URLs): a lone surrogate in one is refused."""
+
+    def test_ids_with_a_lone_surrogate_refused(self) -> None:
+        """projectId and userId holding a lone surrogate get INVALID_PROJECT_ID / INVALID_USER_ID."""
+        for text, code in (
+            (b'{"type":"JOIN_PROJECT","projectId":"p\\ud83d"}', "INVALID_PROJECT_ID"),
+            (b'{"type":"SET_USER","payload":{"userId":"u\\udc00"}}', "INVALID_USER_ID"),
+            (b'{"type":"TASK_UPDATE","projectId":"\\ud83dp","payload":{}}', "INVALID_PROJECT_ID"),
+        ):
+            e = self.assertRaises(ProtocolError, messages.parse, text)
+            self.assertEqual(e.code, code, text)
+        self.assertRaises(BroadcastError, messages.parse_broadcast,
+                          b'{"type":"TASK_UPDATE","projectId":"p\\ud83d","payload":{}}')
+
+    def test_non_ascii_ids_still_accepted(self) -> None:
+        """Ids with other non-ASCII characters (and whole emoji) are fine."""
+        msg = messages.parse('{"type":"JOIN_PROJECT","projectId":"projet-été-🚀"}'.encode())
+        assert isinstance(msg, messages.JoinProject)
+        self.assertEqual(msg.project_id, "projet-été-🚀")

@@ -574,6 +574,41 @@ class RedisFaultTests(RedisTestCase):
             seen.append(await next_event(a2))
         self.assertEqual(seen[-1]["operationId"], "op-back")
 
+    async def test_ping_refused_connects_again(self) -> None:
+        """
+        A Redis that answers the PING before use with an error (here NOAUTH;
+        LOADING after a restart is the usual one) is connected to again
+        after the backoff, until it answers PONG.
+        """
+        import txredisapi
+
+        redis = await self.start_redis()
+        admin = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+        self.addCleanup(admin.disconnect)
+        await admin.execute_command("CONFIG", "SET", "requirepass", "pw")
+        built: list[Any] = []
+        rebuilt: Deferred[None] = Deferred()
+        build = bus_module._RedisClientFactory.buildProtocol
+
+        def counting(factory: Any, addr: Any) -> Any:
+            built.append(factory)
+            if len(built) == 6:  # refused, dropped and connected again, both links
+                rebuilt.callback(None)
+            return build(factory, addr)
+
+        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        registry = RoomRegistry(reactor, 0.0)
+        bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
+                       reconnect_max_delay=0.1)
+        registry.listener = registry.presence_publisher = bus
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await rebuilt
+        self.assertFalse(bus.healthy)
+        await admin.execute_command("CONFIG", "SET", "requirepass", "")
+        await bus.when(bus.settled)
+        self.assertTrue(bus.healthy)
+
     async def test_starts_without_redis(self) -> None:
         """An instance whose Redis is not up yet refuses events (UNAVAILABLE), then connects."""
         redis = await self.start_redis()

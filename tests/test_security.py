@@ -387,6 +387,37 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         clock.advance(60)
         self.assertFalse(transport.disconnecting)
 
+    def test_pipelined_request_has_its_deadline(self) -> None:
+        """
+        A request pipelined behind one answered later (here /stats, whose
+        answer is asynchronous with Redis; any resource returning
+        NOT_DONE_YET) still has to arrive whole in time.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        clock, proto, transport = self.server(5)
+        pending: list[Any] = []
+
+        class Later(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                pending.append(request)
+                return NOT_DONE_YET
+
+        proto.site.resource.putChild(b"later", Later())
+        proto.dataReceived(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\n")
+        clock.advance(3)
+        pending[0].write(b"done")
+        pending[0].finish()  # now the pipelined request is read: its time starts
+        for _ in range(9):
+            clock.advance(0.5)
+            proto.dataReceived(b"X: y\r\n")
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.6)
+        self.assertTrue(transport.disconnected)
+
     def test_next_keep_alive_request_has_its_deadline(self) -> None:
         """After a response, the next request on the connection has the same time again."""
         clock, proto, transport = self.server(5)
@@ -454,3 +485,20 @@ class FloodCutOffTests(SynchronousTestCase):
         close = b"\x88\x15\x03\xf0Rate limit exceeded"
         self.assertTrue(out.endswith(close), out[-40:])  # and nothing after it
         self.assertEqual(out.count(b"\x8a\x00"), 400)  # the pongs of the pings before the cut
+
+    def test_cut_off_client_that_does_not_read_is_aborted(self) -> None:
+        """If it does not read its close frame either, the socket is aborted after 5 s."""
+        from tests.test_framing import client_frame
+
+        clock, proto, transport = self.server(5)
+        transport.protocol = proto
+        proto.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        transport.protocol.dataReceived(client_frame(b"", opcode=9) * 500)
+        self.assertTrue(transport.disconnecting)
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnected)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnected)  # aborted, whatever its buffer holds
