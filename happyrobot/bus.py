@@ -920,9 +920,7 @@ class RedisBus(Service):
         #: op key, the Deferred given to the caller).
         self._pending: dict[str, list[tuple[bytes, str | None, OpKey | None, Deferred[int]]]] = {}
         self._flush_call: Any = None
-        #: Requests failed by a lost link since the last log line about it.
-        self._unanswered = 0
-        self._unanswered_logged_at = -UNREACHABLE_LOG_SECONDS
+        self._unreachable = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
 
     # ------------------------------------------------------------ Bus
 
@@ -1120,18 +1118,16 @@ class RedisBus(Service):
     def _unavailable(self, failure: Failure, message: str) -> Failure:
         """
         Log why a script failed (a lost link at most once every
-        L{UNREACHABLE_LOG_SECONDS}, with how many requests it failed) and
-        fail with L{Unavailable} instead.
+        L{UNREACHABLE_LOG_SECONDS}, with how many requests failed) and fail
+        with L{Unavailable} instead.
         """
         if failure.check("txredisapi.ResponseError"):
             log.failure("a Redis script failed", failure)
         else:
-            self._unanswered += 1
-            now = self._reactor.seconds()
-            if now - self._unanswered_logged_at >= UNREACHABLE_LOG_SECONDS:
+            n = self._unreachable.due()
+            if n:
                 log.warn("Redis unreachable: {why} ({n} requests failed since the last such line)",
-                         why=failure.getErrorMessage(), n=self._unanswered)
-                self._unanswered, self._unanswered_logged_at = 0, now
+                         why=failure.getErrorMessage(), n=n)
         return Failure(Unavailable(message))
 
     def _eval(self, script: _Script, keys: list[bytes], args: list[Any]) -> Deferred[Any]:

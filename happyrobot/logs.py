@@ -104,6 +104,31 @@ def debug_enabled() -> bool:
     return _debug
 
 
+class Throttle:
+    """
+    For a warning that clients (or a lost link) can cause at any rate: at
+    most one line per C{interval} seconds, which counts the others.
+    """
+
+    def __init__(self, interval: float, clock: Any) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._count = 0
+        self._logged_at: float | None = None
+
+    def due(self) -> int:
+        """
+        Count one more occurrence; return how many there were since the
+        last line if one is due now, else 0.
+        """
+        self._count += 1
+        now = self._clock.seconds()
+        if self._logged_at is not None and now - self._logged_at < self._interval:
+            return 0
+        count, self._count, self._logged_at = self._count, 0, now
+        return count
+
+
 @implementer(ILogObserver)
 class LineObserver:
     """

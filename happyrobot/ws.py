@@ -350,8 +350,6 @@ class CollabProtocol(WebSocketServerProtocol):
                 and (frame.opcode > 7 or not frame.fin)
                 and not self._bucket.take(self.factory.clock.seconds())
                 and self._bucket.abusive and not self._closed()):
-            log.warn("{client_id} kept sending frames past its rate limit; closing with 1008",
-                     client_id=self.client_id)
             self._cut_off()
         super().onFrameBegin()
 
@@ -362,8 +360,12 @@ class CollabProtocol(WebSocketServerProtocol):
         (for up to the close handshake timeout), at every other client's
         expense.
         """
+        n = self.factory.cut_off_log.due()  # a client that reconnects to flood again
+        if n:
+            log.warn("{client_id} kept sending past its rate limit; closed with 1008 "
+                     "({n} such clients since the last such line)", client_id=self.client_id, n=n)
         self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
-        self.wasNotCleanReason = "rate limit exceeded"
+        self.wasClean = True  # as we chose: no warning of Autobahn's
         self.dropConnection(abort=False)  # the close frame is written first
         # ... if the client reads it: one that does not is cut off.
         assert self.transport is not None
@@ -441,8 +443,6 @@ class CollabProtocol(WebSocketServerProtocol):
 
     def _rate_limited(self) -> None:
         if self._bucket is not None and self._bucket.abusive:
-            log.warn("{client_id} kept sending past its rate limit; closing with 1008",
-                     client_id=self.client_id)
             self._cut_off()
             return
         err = messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down")
@@ -664,6 +664,8 @@ class CollabFactory(WebSocketServerFactory):
         #: reads the live connections, rooms and bus when scraped.
         self.metrics = Metrics(clock)
         self.flusher = TurnFlusher(clock, self._turn_flushed)
+        #: At most one warning every 10 s about clients cut off for flooding.
+        self.cut_off_log = logs.Throttle(10.0, clock)
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )

@@ -151,3 +151,20 @@ class LevelLoggerTests(SynchronousTestCase):
         self.assertEqual(len(events), 1)
         self.assertEqual(events[0]["log_level"], LogLevel.critical)
         self.assertIn("invalid log level", str(events[0]["log_format"]))
+
+
+class ThrottleTests(SynchronousTestCase):
+    """L{logs.Throttle}: one line per interval for a warning anyone can cause."""
+
+    def test_first_due_then_counted(self) -> None:
+        """The first is due at once; the next ones are counted into the next line."""
+        clock = Clock()
+        throttle = logs.Throttle(10.0, clock)
+        self.assertEqual(throttle.due(), 1)
+        self.assertEqual([throttle.due() for _ in range(5)], [0] * 5)
+        clock.advance(9.9)
+        self.assertEqual(throttle.due(), 0)
+        clock.advance(0.1)
+        self.assertEqual(throttle.due(), 7)  # the 6 held back, and this one
+        clock.advance(100)
+        self.assertEqual(throttle.due(), 1)

@@ -486,6 +486,33 @@ class FloodCutOffTests(SynchronousTestCase):
         self.assertTrue(out.endswith(close), out[-40:])  # and nothing after it
         self.assertEqual(out.count(b"\x8a\x00"), 400)  # the pongs of the pings before the cut
 
+    def test_one_warning_for_many_flooders(self) -> None:
+        """Flooders that come back again and again make one warning per 10 s, counting them."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        from twisted.logger import LogLevel, capturedLogs
+
+        from tests.test_framing import client_frame
+
+        clock, proto, _ = self.server(5)
+        with capturedLogs() as captured:
+            for i in range(3):
+                if i == 2:
+                    clock.advance(10)
+                channel = proto.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1000 + i))
+                transport = StringTransport()
+                transport.protocol = channel
+                channel.makeConnection(transport)
+                channel.dataReceived(
+                    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                )
+                transport.protocol.dataReceived(client_frame(b"", opcode=9) * 500)
+                self.assertTrue(transport.disconnecting)
+        warned = [e for e in captured if e["log_level"] >= LogLevel.warn]
+        self.assertEqual([e.get("n") for e in warned], [1, 2], [e["log_format"] for e in warned])
+
     def test_cut_off_client_that_does_not_read_is_aborted(self) -> None:
         """If it does not read its close frame either, the socket is aborted after 5 s."""
         from tests.test_framing import client_frame
