@@ -1185,6 +1185,27 @@ class OutageTests(BusTestCase):
         await member.until(live)
         self.assertEqual(member.seqs(), seqs + missed + [live])
 
+    async def _catch_up_after(self, trim_to: int | None) -> tuple[list[int], list[int]]:
+        """
+        A's subscription is cut while B publishes 5 events, with a history
+        of 3 (Redis trims streams roughly; C{trim_to} trims it exactly);
+        return the seqs A's member got (RESYNC_REQUIRED as -seq) and the
+        seqs published (before the cut, the 5, and after A caught up).
+        """
+        redis = await self.start_redis()
+        a, b = await self.start_bus(redis, history_size=3), await self.start_bus(redis, history_size=3)
+        member = await a.member("a1")
+        first = await b.bus.append("p1", raw_event("x"))
+        await member.until(first)
+        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
+        if trim_to is not None:
+            await redis.command("XTRIM", "happyrobot:history:p1", "MAXLEN", str(trim_to))
+        await a.settled()
+        live = await b.bus.append("p1", raw_event("z"))
+        await member.until(live)
+        return member.seqs(), [first, *missed, live]
+
     async def test_catch_up_past_the_history_delivers_what_is_kept(self) -> None:
         """
         When more events were published while A's subscription was down
@@ -1192,19 +1213,8 @@ class OutageTests(BusTestCase):
         the seq before the oldest kept event, then get every kept event:
         only what is really gone is left to the reload.
         """
-        redis = await self.start_redis()
-        a, b = await self.start_bus(redis, history_size=3), await self.start_bus(redis, history_size=3)
-        member = await a.member("a1")
-        first = await b.bus.append("p1", raw_event("x"))
-        await member.until(first)
-        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
-        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
-        # Redis trims a stream roughly (MAXLEN ~): trim it exactly here.
-        await redis.command("XTRIM", "happyrobot:history:p1", "MAXLEN", "3")
-        await a.settled()
-        live = await b.bus.append("p1", raw_event("z"))
-        await member.until(live)
-        self.assertEqual(member.seqs(), [first, -missed[1], *missed[2:], live])
+        got, published = await self._catch_up_after(trim_to=3)
+        self.assertEqual(got, [published[0], -published[2], *published[3:]])
 
     async def test_catch_up_beyond_the_history_size_delivers_all(self) -> None:
         """
@@ -1212,17 +1222,8 @@ class OutageTests(BusTestCase):
         it roughly) are all delivered to an instance catching up: no
         RESYNC_REQUIRED while nothing is lost.
         """
-        redis = await self.start_redis()
-        a, b = await self.start_bus(redis, history_size=3), await self.start_bus(redis, history_size=3)
-        member = await a.member("a1")
-        first = await b.bus.append("p1", raw_event("x"))
-        await member.until(first)
-        await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
-        missed = [await b.bus.append("p1", raw_event(f"y-{i}")) for i in range(5)]
-        await a.settled()
-        live = await b.bus.append("p1", raw_event("z"))
-        await member.until(live)
-        self.assertEqual(member.seqs(), [first, *missed, live])
+        got, published = await self._catch_up_after(trim_to=None)
+        self.assertEqual(got, published)
 
     async def test_append_refused_while_redis_down(self) -> None:
         """While Redis is unreachable an append fails with UNAVAILABLE and delivers nothing."""
