@@ -801,10 +801,10 @@ class RedisBus(Service):
 
     Two connections, each kept up by a L{ClientService} with exponential
     backoff: one for commands and one in subscriber mode (Redis allows
-    nothing but (UN)SUBSCRIBE and PING on it).  The instance subscribes to a room's
-    channel when the room gets its first local member and unsubscribes when
-    it loses its last one (the registry tells us through L{room_opened} and
-    L{room_closed}).
+    nothing but (UN)SUBSCRIBE and PING on it).  The instance subscribes to
+    a room's channel when the room gets its first local member and
+    unsubscribes when it loses its last one (the registry tells us through
+    L{room_opened} and L{room_closed}).
 
     Ordering: every instance, the sender's included, delivers events from
     its subscription, never directly.  L{append} runs one Lua script that
@@ -848,10 +848,10 @@ class RedisBus(Service):
     Faults: while either connection is down the bus is not L{healthy}
     (``/health`` says degraded).  While the command connection is down
     L{append} and L{replay} fail with L{Unavailable} (an ERROR with code
-    C{UNAVAILABLE}: the client retries, and a retry with the same
-    operationId is not delivered twice): an event delivered locally
-    without a seq would either be missing from the history or make a gap
-    that no one could fill.  Presence is still announced to our own
+    C{UNAVAILABLE}: the client retries, and a retry of an event sent with
+    ack and the same operationId is not delivered twice): an event
+    delivered locally without a seq would either be missing from the
+    history or make a gap that no one could fill.  Presence is still announced to our own
     members.  A Redis that keeps the connections open but stops
     answering (hung, or cut off by a partition) is found by the reply
     timeout, half of C{instance_ttl}: a command it does not answer in
@@ -914,7 +914,7 @@ class RedisBus(Service):
         #: Rooms whose presence is being read: True when it must be read again.
         self._refreshing: dict[str, bool] = {}
         self._heartbeat: LoopingCall | None = None
-        #: When the seq keys of our rooms were last kept from expiring.
+        #: When the seq and presence keys of our rooms were last kept from expiring.
         self._keys_refreshed_at = 0.0
         #: Appends waiting for L{flush}, per room in order: (event, exclude,
         #: op key, the Deferred given to the caller).

@@ -410,18 +410,24 @@ def load_config(
             continue  # unset or empty: the default, as `process.env.X || default` did
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
-    config = Config(**values)  # type: ignore[arg-type]
-    if "history_max_bytes" not in values:
-        config = replace(config, history_max_bytes=min(config.history_max_bytes,
-                                                       config.history_total_bytes))
-    if config.history_max_bytes > config.history_total_bytes:
-        raise ConfigError(f"HISTORY_MAX_BYTES ({config.history_max_bytes}) must not exceed "
-                          f"HISTORY_TOTAL_BYTES ({config.history_total_bytes})")
+    return _fitted(Config(**values), values)  # type: ignore[arg-type]
+
+
+def _fitted(config: Config, given: Mapping[str, object]) -> Config:
+    """
+    The settings bounded by another: left unset, the default fits within
+    it; given (C{given} holds the fields that were), it is checked.
+    """
+    room, total = config.history_max_bytes, config.history_total_bytes
+    if "history_max_bytes" not in given:
+        config = replace(config, history_max_bytes=min(room, total))
+    elif room > total:
+        raise ConfigError(f"HISTORY_MAX_BYTES ({room}) must not exceed "
+                          f"HISTORY_TOTAL_BYTES ({total})")
     drain, timeout = config.drain_window_seconds, config.shutdown_timeout_seconds
-    if "drain_window_seconds" not in values:
-        # The default window fits a shorter SHUTDOWN_TIMEOUT by itself.
-        return replace(config, drain_window_seconds=min(drain, timeout / 2))
-    if drain and drain >= timeout:
+    if "drain_window_seconds" not in given:
+        config = replace(config, drain_window_seconds=min(drain, timeout / 2))
+    elif drain and drain >= timeout:
         # The connections still waiting for their 1001 at the timeout
         # would be dropped without one.
         raise ConfigError(f"DRAIN_WINDOW_SECONDS ({drain:g}) must be below "

@@ -14,7 +14,7 @@ history also starts above every number of the histories it has dropped
 Memory is bounded per room (count, age, bytes) and across all rooms
 (bytes: the histories of the rooms least recently appended to are
 dropped); a history is kept only from its room's first event, so reading
-a room that has none stores nothing.
+a room that has none stores only the seq it handed out.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 Every module of ours logs through L{get_logger}, whose loggers drop an
 event below the level before building it, and pass the rest to the global
 log publisher (and so twistd's log).  Autobahn's txaio loggers get the
-matching level through txaio.  The level can be set after the loggers exist, which matters because
-twistd builds the service (and reads LOG_LEVEL) after importing our modules.
+matching level through txaio.  The level can be set after the loggers
+exist, which matters because twistd builds the service (and reads
+LOG_LEVEL) after importing our modules.
 
 L{observer} is a log observer for ``twistd --logger happyrobot.logs.observer``:
 the same lines as twistd's own text log on standard output, for less CPU.

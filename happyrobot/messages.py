@@ -149,8 +149,8 @@ def _project_id(obj: Mapping[str, Any], op: str | None) -> str:
 
 def _has_surrogate(value: str) -> bool:
     """
-    Whether an id holds a lone surrogate (see L{loads}): such ids could not
-    be sent on to the back end (URLs, PROJECT_AUTH_URL), so they are refused.
+    Whether C{value} holds a lone surrogate (see L{loads}).  Ids with one are
+    refused: they could not be sent on to the back end (PROJECT_AUTH_URL).
     """
     return not value.isascii() and _SURROGATE.search(value) is not None
 
@@ -319,7 +319,7 @@ def _holds_surrogate(obj: Any) -> bool:
     while todo:
         item = todo.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if _has_surrogate(item):
                 return True
         elif isinstance(item, dict):
             todo.extend(item)
@@ -329,29 +329,22 @@ def _holds_surrogate(obj: Any) -> bool:
     return False
 
 
-def _dumps_escaped(obj: Any, error: Exception) -> bytes:
-    """
-    What orjson could not write because a str holds a lone surrogate: ASCII
-    JSON, each surrogate as a ``\\udXXX`` escape like ``JSON.stringify``
-    writes it.  Any other failure of orjson's is raised again as C{error}.
-    """
-    if not _holds_surrogate(obj):
-        raise error
-    return json.dumps(
-        obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False
-    ).encode("ascii")
-
-
 def dumps(obj: Any) -> bytes:
     """
     Serialise anything holding client strings (messages, HTTP reply bodies,
     what goes to Redis): compact UTF-8 JSON from orjson, or (only when a
-    str holds a lone surrogate) ASCII JSON with the surrogates escaped.
+    str holds a lone surrogate) ASCII JSON with each surrogate written as a
+    ``\\udXXX`` escape, as ``JSON.stringify`` writes it.  Any other failure
+    of orjson's is raised.
     """
     try:
         return orjson.dumps(obj)
-    except orjson.JSONEncodeError as e:
-        return _dumps_escaped(obj, e)
+    except orjson.JSONEncodeError:
+        if not _holds_surrogate(obj):
+            raise
+        return json.dumps(
+            obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False
+        ).encode("ascii")
 
 
 def _decode(data: bytes | str) -> Any:
