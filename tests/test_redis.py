@@ -22,12 +22,11 @@ from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot import bus as bus_module
-from happyrobot.bus import (
+from happyrobot.bus import LocalBus, Unavailable
+from happyrobot.redis.bus import RedisBus
+from happyrobot.redis.client import ConnectionFactory, parse_reply, protocol_classes
+from happyrobot.redis.keys import (
     EVENT,
-    LocalBus,
-    RedisBus,
-    Unavailable,
     channel_name,
     envelope_head,
     merge_presence,
@@ -36,8 +35,6 @@ from happyrobot.bus import (
     pack_envelope,
     unpack_batch,
     unpack_envelope,
-    _parse_reply,
-    _protocol_classes,
 )
 from happyrobot.config import Config, ConfigError, RedisAddress, load_config, redis_address
 from happyrobot.framing import text_frame
@@ -134,7 +131,7 @@ class ReplyParserTests(SynchronousTestCase):
     def _subscriber(self) -> tuple[Any, list[Any], list[Any]]:
         replies: list[Any] = []
         messages: list[Any] = []
-        proto = _protocol_classes()[1](charset=None, convertNumbers=False)
+        proto = protocol_classes()[1](charset=None, convertNumbers=False)
         proto.replyQueue.put = replies.append  # what txredisapi's commands wait on
         proto.factory = type("F", (), {
             "message": lambda self, c, m: messages.append((c, m)),
@@ -149,7 +146,7 @@ class ReplyParserTests(SynchronousTestCase):
         """Every reply type parses as txredisapi's own parser gives it (charset None)."""
         pos, replies = 0, []
         while pos < len(self.STREAM):
-            reply, pos = _parse_reply(self.STREAM, pos)
+            reply, pos = parse_reply(self.STREAM, pos)
             replies.append(reply)
         self.assertEqual(self._plain(replies), self.EXPECTED)
 
@@ -253,12 +250,12 @@ class UnreachableLogTests(SynchronousTestCase):
         lost = Failure(ConnectionError("Not received Redis response in 5.0 seconds"))
         with capturedLogs() as captured:
             for _ in range(300):
-                failure = bus._unavailable(lost, "m")
+                failure = bus.link.unavailable(lost, "m")
                 self.assertIsInstance(failure.value, Unavailable)
             clock.advance(9.9)
-            bus._unavailable(lost, "m")
+            bus.link.unavailable(lost, "m")
             clock.advance(0.1)
-            bus._unavailable(lost, "m")
+            bus.link.unavailable(lost, "m")
         warned = [e for e in captured if e["log_level"] == LogLevel.warn]
         self.assertEqual([e["n"] for e in warned], [1, 301])
         self.assertIn("5.0 seconds", warned[0]["why"])
@@ -535,7 +532,7 @@ class RedisFaultTests(RedisTestCase):
         """
         built: list[Any] = []
         rebuilt: Deferred[None] = Deferred()
-        build = bus_module._RedisClientFactory.buildProtocol
+        build = ConnectionFactory.buildProtocol
 
         def counting(factory: Any, addr: Any) -> Any:
             built.append(factory)
@@ -543,7 +540,7 @@ class RedisFaultTests(RedisTestCase):
                 rebuilt.callback(None)
             return build(factory, addr)
 
-        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        self.patch(ConnectionFactory, "buildProtocol", counting)
         redis = await self.start_redis()
         a = await self.start_node(redis, instance_ttl_seconds=1.0)  # 0.5 s reply timeout
         self.assertEqual((a.bus.reply_timeout, len(built)), (0.5, 2))
@@ -588,7 +585,7 @@ class RedisFaultTests(RedisTestCase):
         await admin.execute_command("CONFIG", "SET", "requirepass", "pw")
         built: list[Any] = []
         rebuilt: Deferred[None] = Deferred()
-        build = bus_module._RedisClientFactory.buildProtocol
+        build = ConnectionFactory.buildProtocol
 
         def counting(factory: Any, addr: Any) -> Any:
             built.append(factory)
@@ -596,7 +593,7 @@ class RedisFaultTests(RedisTestCase):
                 rebuilt.callback(None)
             return build(factory, addr)
 
-        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        self.patch(ConnectionFactory, "buildProtocol", counting)
         registry = RoomRegistry(reactor, 0.0)
         bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
                        reconnect_max_delay=0.1)
@@ -776,11 +773,11 @@ class CrashTests(RedisTestCase):
         a = await self.start_node(redis, history_ttl_seconds=30.0)
         await a.join("p1", "user_a1")
         await a.settled()
-        await a.bus.when(lambda: "p1" in a.bus._registered)
+        await a.bus.when(lambda: "p1" in a.bus.presence.registered)
         ttl = await redis.command("PTTL", "happyrobot:presence:p1")
         self.assertTrue(0 < ttl <= 30_000, ttl)
         await redis.command("PERSIST", "happyrobot:presence:p1")
-        a.bus._keys_refreshed_at = -1e9  # due now
+        a.bus.presence.refresh_keys_next_beat()
         await a.bus.heartbeat()
         ttl = await redis.command("PTTL", "happyrobot:presence:p1")
         self.assertTrue(0 < ttl <= 30_000, ttl)
@@ -794,10 +791,10 @@ class CrashTests(RedisTestCase):
         a = await self.start_node(redis)
         await redis.command("SET", "happyrobot:instance:ghost", "{}", "PX", 60_000)
         await redis.command("HSET", "happyrobot:presence:p1", "ghost", "[]")
-        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 0)
+        self.assertEqual(await a.bus.presence.remove_dead("p1", [b"ghost"]), 0)
         self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), ["ghost"])
         await redis.command("DEL", "happyrobot:instance:ghost")
-        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 1)
+        self.assertEqual(await a.bus.presence.remove_dead("p1", [b"ghost"]), 1)
         self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), [])
 
 
@@ -976,13 +973,13 @@ class BatchTests(BusTestCase):
 
     def count_evals(self, node: BusNode) -> list[bytes]:
         calls: list[bytes] = []
-        original = node.bus._eval
+        original = node.bus.link.eval
 
         def counting(script: Any, keys: Any, args: Any) -> Any:
             calls.append(script.sha)
             return original(script, keys, args)
 
-        node.bus._eval = counting  # type: ignore[method-assign]
+        self.patch(node.bus.link, "eval", counting)
         return calls
 
     async def test_one_turn_one_script_call(self) -> None:
@@ -1051,13 +1048,13 @@ class BatchTests(BusTestCase):
         redis = await self.start_redis()
         a, b = await self.start_bus(redis), await self.start_bus(redis)
         watcher = await b.member("b1")
-        receive = b.bus._receive
+        receive = b.bus.rooms.live
 
-        def lossy(project_id: str, channel: Any, seq: int, data: bytes, exclude: Any) -> None:
+        def lossy(project_id: str, room: Any, seq: int, data: bytes, exclude: Any) -> None:
             if b'"x-' not in data:  # the first batch is lost on the way to b
-                receive(project_id, channel, seq, data, exclude)
+                receive(project_id, room, seq, data, exclude)
 
-        b.bus._receive = lossy  # type: ignore[method-assign]
+        self.patch(b.bus.rooms, "live", lossy)
         lost = await gatherResults([a.bus.append("p1", raw_event(f"x-{i}")) for i in range(4)])
         later = await gatherResults([a.bus.append("p1", raw_event(f"y-{i}")) for i in range(3)])
         self.assertEqual(later[0], lost[-1] + 1)
@@ -1072,7 +1069,7 @@ class BatchTests(BusTestCase):
         a = await self.start_bus(redis)
         m1 = await a.member("a1")
         ds = [a.bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
-        a.bus._flush_call.cancel()  # the flush comes after the link is lost
+        a.bus.appends.scheduled.cancel()  # the flush comes after the link is lost
         await redis.stop()
         await a.bus.when(lambda: not a.bus.healthy)
         a.bus.flush()

@@ -1,0 +1,453 @@
+"""
+L{RedisBus}: the Redis engine of the bus, for a deployment of many
+instances, composed of the parts beside it (see L{happyrobot.redis}).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from happyrobot import logs, messages
+from happyrobot.bus import Replay, Unavailable
+from happyrobot.config import redis_address
+from happyrobot.framing import text_frame
+from happyrobot.history import OpKey
+from happyrobot.redis import scripts
+from happyrobot.redis.appends import Appender
+from happyrobot.redis.client import RedisLink
+from happyrobot.redis.keys import (
+    BATCH,
+    EVENT,
+    PRESENCE,
+    channel_name,
+    history_key,
+    new_instance_id,
+    project_of,
+    seq_key,
+    unpack_batch,
+    unpack_envelope,
+)
+from happyrobot.redis.presence import Presence
+from happyrobot.redis.sequencer import ReadResult, RoomSequence, Sequencer, Waiting
+from happyrobot.rooms import RoomRegistry
+
+log = logs.get_logger(__name__)
+
+#: How long clean-up commands may take when the service stops.
+GOODBYE_TIMEOUT_SECONDS = 2.0
+#: First and longest wait between reconnection attempts (exponential backoff).
+RECONNECT_INITIAL_DELAY_SECONDS = 0.5
+RECONNECT_MAX_DELAY_SECONDS = 10.0
+#: How long a replay waits for the live events it covers to reach this
+#: instance (normally a round trip; longer only while Redis is away).
+REPLAY_DELIVERY_TIMEOUT_SECONDS = 10.0
+
+
+class RedisBus(Service):
+    """
+    Fan-out, presence and statistics through Redis: a L{Bus} and the
+    registry's room listener and presence publisher.
+
+    Every instance, the sender's included, delivers events from its
+    subscriptions, never directly: L{append} numbers, stores and publishes
+    through one script (L{Appender}), and each room's L{RoomSequence}
+    delivers them in seq order with no gap and no duplicate (L{Sequencer}).
+    The instance subscribes to a room's channel when the room gets its
+    first local member and unsubscribes when it loses its last one.
+    Presence crosses instances through L{Presence}.
+
+    Faults: while either connection is down the bus is not L{healthy}
+    (``/health`` says degraded).  While the command connection is down
+    L{append} and L{replay} fail with L{Unavailable} (the client retries;
+    a retry of an event sent with ack and the same operationId is not
+    delivered twice), and presence is announced to our own members only.
+    A Redis that keeps the connections open but stops answering is found
+    by the reply timeout, half of C{instance_ttl}.  On reconnection every
+    room with local members is subscribed again and caught up, and our
+    presence is registered again.
+
+    @param connection_count: how many WebSockets this instance has open (for /stats).
+    @param on_read_done: called after each read of the subscription has
+        been handled, so what it delivered is written at once, not next turn.
+    """
+
+    def __init__(
+        self,
+        registry: RoomRegistry,
+        url: str,
+        reactor: IReactorTime,
+        instance_id: str | None = None,
+        instance_ttl: float = 10.0,
+        reconnect_initial_delay: float = RECONNECT_INITIAL_DELAY_SECONDS,
+        reconnect_max_delay: float = RECONNECT_MAX_DELAY_SECONDS,
+        history_size: int = 1000,
+        history_ttl_seconds: float = 300.0,
+        connection_count: Callable[[], int] = lambda: 0,
+        on_read_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._registry = registry
+        self._reactor = reactor
+        self.instance_id = instance_id or new_instance_id()
+        self._instance = self.instance_id.encode("utf-8")
+        self.instance_ttl = instance_ttl
+        #: Backoff between reconnection attempts (tests shorten it).
+        self.reconnect_initial_delay = reconnect_initial_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        #: How long Redis may take to answer a command before the link
+        #: counts as lost (half of C{instance_ttl}: by then our own
+        #: heartbeat key would be at risk anyway).
+        self.reply_timeout = instance_ttl / 2
+        self.link = RedisLink(
+            redis_address(url), reactor, self.reply_timeout, self._retry_delay,
+            self._commands_changed, self._subscriber_changed, self._message, on_read_done,
+        )
+        self.appends = Appender(self.link, reactor, self._instance, history_size,
+                                max(1, int(history_ttl_seconds * 1000)))
+        self.rooms = Sequencer(_RoomSteps(self), registry.deliver, self._instance, history_size)
+        self.presence = Presence(
+            self.link, registry, self.rooms, reactor, self.instance_id, instance_ttl,
+            history_ttl_seconds, lambda: bool(self.healthy and self.running), connection_count,
+        )
+        self._was_healthy = False
+        #: SUBSCRIBE and UNSUBSCRIBE commands not yet answered.
+        self._in_flight = 0
+        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
+        self._heartbeat: LoopingCall | None = None
+
+    @property
+    def history_size(self) -> int:
+        """HISTORY_SIZE: how many events each room's history keeps."""
+        return self.appends.history_size
+
+    @property
+    def history_ttl_seconds(self) -> float:
+        """HISTORY_TTL_SECONDS: how long each room's events are kept."""
+        return self.presence.history_ttl_seconds
+
+    # ------------------------------------------------------------ Bus
+
+    @property
+    def healthy(self) -> bool:
+        """Whether both Redis connections are up."""
+        return self.link.up
+
+    def append(
+        self, project_id: str, event: bytes, exclude: str | None = None,
+        op_key: OpKey | None = None,
+    ) -> Deferred[int]:
+        """
+        Number C{event} as the room's next event, store it in the room's
+        history and publish it; every instance with members in the room
+        delivers it from its subscription (this one too, skipping
+        C{exclude}).  Fires with the seq (the original one for a retry of a
+        kept C{op_key}, which is not published again), or fails with
+        L{Unavailable} while Redis is unreachable or when the reply was lost
+        with the connection (a retry with the same op key finds the event).
+        """
+        return self.appends.append(project_id, event, exclude, op_key)
+
+    def flush(self) -> None:
+        """Send the appends made so far (the end of an incoming read)."""
+        self.appends.flush()
+
+    def replay(self, project_id: str, since: int) -> Deferred[Replay]:
+        """
+        The room's events after C{since}, read once this instance has
+        subscribed to the room and delivered everything up to then (the
+        caller has joined with C{hold=True}, which opened it), so that every
+        later event reaches the hold; fires once the live events up to the
+        seq read have reached the hold too, so release() drops every one the
+        replay covers.  Fails with L{Unavailable} while Redis is unreachable.
+        """
+        return Deferred.fromCoroutine(self._replay(project_id, since))
+
+    async def _replay(self, project_id: str, since: int) -> Replay:
+        message = "The room's history could not be read; join again"
+        link, rooms = self.link, self.rooms
+        if not link.commands_up:
+            raise Unavailable(message)
+        room = rooms.room(project_id)
+        if room is not None:  # else no local member: no hold to protect
+            await self.when(lambda: room.synced or not link.commands_up
+                            or rooms.room(project_id) is not room)
+            if not link.commands_up:
+                raise Unavailable(message)
+        try:
+            seq, entries, _ = await self.read_history(project_id, since)
+        except Exception:
+            link.unavailable(Failure(), message).raiseException()
+        if room is not None:
+            # The events up to seq may still be on their way on the
+            # subscriber connection: wait until they have reached the hold,
+            # where release() drops them, or they would come twice.
+            delivered = self.when(lambda: (room.last or 0) >= seq
+                                  or rooms.room(project_id) is not room)
+            try:
+                await delivered.addTimeout(REPLAY_DELIVERY_TIMEOUT_SECONDS, self._reactor)
+            except defer.TimeoutError:
+                log.warn("{project_id}: live events up to {seq} were slow to arrive; "
+                         "resuming anyway", project_id=project_id, seq=seq)
+        return Replay(None if entries is None else entries[::2], seq)
+
+    def read_history(
+        self, project_id: str, since: int | None, kept: bool = False
+    ) -> Deferred[ReadResult]:
+        """
+        Run the read script: the room's seq, and its events after C{since}
+        with their sender tags, None when the history does not reach back
+        (or C{since} is None).  With C{kept}, a history that does not reach
+        back gives the events it still has instead, and the seq they follow.
+        """
+        d = self.link.eval(scripts.READ, [seq_key(project_id), history_key(project_id)], [
+            b"" if since is None else b"%d" % since, self.appends.history_size,
+            self.appends.history_ttl_ms, b"1" if kept else b"",
+        ])
+
+        def parsed(reply: list[Any]) -> ReadResult:
+            found = int(reply[1])
+            if found == 2:
+                return int(reply[0]), list(reply[3:]), int(reply[2])
+            return int(reply[0]), (list(reply[2:]) if found else None), None
+
+        return d.addCallback(parsed)
+
+    def member_count(self, project_id: str) -> Deferred[int]:
+        """The room's connections across live instances (see L{Presence.member_count})."""
+        return Deferred.fromCoroutine(self.presence.member_count(project_id))
+
+    def cluster_stats(self) -> Deferred[dict[str, Any]]:
+        """``/stats`` for the whole deployment (see L{Presence.cluster_stats})."""
+        return Deferred.fromCoroutine(self.presence.cluster_stats())
+
+    def heartbeat(self) -> Deferred[None]:
+        """Beat now (the service beats every third of C{instance_ttl}); never fails."""
+        return Deferred.fromCoroutine(self.presence.beat())
+
+    # ------------------------------------------------------------ waiting
+
+    def settled(self) -> bool:
+        """
+        Whether the link is up, Redis has answered every SUBSCRIBE and
+        UNSUBSCRIBE sent so far, and every local room has delivered its
+        events up to now.
+        """
+        return self.healthy and self._in_flight == 0 and self.rooms.settled()
+
+    def when(self, condition: Callable[[], bool]) -> Deferred[None]:
+        """
+        A Deferred that fires once C{condition()} holds, checked after every
+        change of the link or of a room (e.g. C{bus.when(bus.settled)}).
+        """
+        d: Deferred[None] = Deferred()
+        self._waiters.append((condition, d))
+        self._changed()
+        return d
+
+    def _changed(self) -> None:
+        if not self._waiters:
+            return
+        waiting, self._waiters = self._waiters, []
+        for condition, d in waiting:
+            if d.called:
+                continue  # timed out or cancelled
+            if condition():
+                d.callback(None)
+            else:
+                self._waiters.append((condition, d))
+
+    # ------------------------------------------------------------ RoomListener
+
+    def room_opened(self, project_id: str) -> None:
+        """The first local member arrived: read the room's seq, then subscribe."""
+        self.rooms.open(project_id)
+
+    def room_closed(self, project_id: str) -> None:
+        """
+        The last local member left: send what waited for the subscription
+        (other instances may still have members), withdraw our presence,
+        and unsubscribe.
+        """
+        room = self.rooms.close(project_id)
+        self.presence.room_closed(project_id)
+        if room is None:
+            return
+        if self.healthy and self.running:
+            for envelope, _ in room.backlog:
+                self.presence.publish(project_id, envelope)
+            self.presence.withdraw(project_id)
+        d = self.link.unsubscribe(channel_name(project_id))
+        if d is not None:
+            self._in_flight += 1
+            d.addErrback(lambda _: None).addCallback(self._answered)
+        self._changed()
+
+    def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
+        """
+        Our members of C{project_id} changed: store them and tell every
+        instance; while Redis is down only our own members are told.
+        """
+        if not (self.healthy and self.running):
+            self._registry.send_presence(project_id, active_users)
+            return
+        self.presence.register(project_id, active_users)
+
+    # ------------------------------------------------------------ service
+
+    def startService(self) -> None:
+        """Start connecting (and reconnecting, with backoff) to Redis, and beating."""
+        super().startService()
+        self.link.start()
+        self._heartbeat = LoopingCall(self.heartbeat)
+        self._heartbeat.clock = self._reactor
+        self._heartbeat.start(self.instance_ttl / 3, now=False)
+        address = self.link.address
+        log.info("instance {instance} connecting to Redis at {host}:{port}",
+                 instance=self.instance_id, host=address.host, port=address.port)
+
+    def stopService(self) -> Deferred[Any]:
+        """Withdraw this instance, then close both connections and stop reconnecting."""
+        super().stopService()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.healthy:
+            goodbye = self.presence.goodbye()
+            goodbye.addTimeout(GOODBYE_TIMEOUT_SECONDS, self._reactor)
+            try:
+                await goodbye
+            except Exception:
+                log.warn("Redis did not confirm this instance's goodbye; "
+                         "its heartbeat key expires instead")
+        await self.link.stop()
+
+    def _retry_delay(self, attempt: int) -> float:
+        delay = min(
+            self.reconnect_initial_delay * 2 ** min(attempt - 1, 30), self.reconnect_max_delay
+        )
+        return delay * random.uniform(0.8, 1.2)  # spread out a fleet's reconnections
+
+    # ------------------------------------------------------------ connections
+
+    def _commands_changed(self, up: bool) -> None:
+        if not up and self.running:
+            log.error("Redis link lost (commands): events are refused (UNAVAILABLE) "
+                      "until it is back")
+        self._link_changed()
+        self.rooms.commands_changed(up)
+
+    def _subscriber_changed(self, up: bool) -> None:
+        self.rooms.subscriber_changed(up)
+        if not up and self.running:
+            log.error("Redis link lost (subscription): this instance's members get the "
+                      "rooms' events again once it is back, the missed ones from the history")
+        self._link_changed()
+
+    def _answered(self, _: object = None) -> None:
+        self._in_flight -= 1
+        self._changed()
+
+    def _link_changed(self) -> None:
+        healthy = self.healthy
+        if healthy != self._was_healthy:
+            self._was_healthy = healthy
+            if healthy:
+                log.info("Redis link up: {rooms} rooms with local members", rooms=len(self.rooms))
+                if self.running:
+                    self.link.forget(Deferred.fromCoroutine(self.presence.beat(reregister=True)))
+            else:
+                # What waited for a SUBSCRIBE will not reach Redis now: local members get it.
+                for _, fallback in self.rooms.take_backlogs():
+                    fallback()
+        self._changed()
+
+    # ------------------------------------------------------------ messages
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        """A message on one of our channels: deliver it to the local members."""
+        try:
+            project_id = project_of(channel)
+            kind, instance, sender, seq, body = unpack_envelope(data)
+        except (ValueError, UnicodeDecodeError):
+            log.warn("ignored a malformed message on a Redis channel")
+            return
+        rooms = self.rooms
+        room = rooms.room(project_id)
+        if room is None:
+            return  # the room emptied; the UNSUBSCRIBE is on its way
+        if kind == EVENT and seq is not None:
+            rooms.live(project_id, room, seq, body, sender if instance == self._instance else None)
+        elif kind == BATCH:
+            try:
+                events = unpack_batch(body)
+            except (ValueError, UnicodeDecodeError):
+                log.warn("ignored a malformed batch on a Redis channel")
+                return
+            ours = instance == self._instance
+            for sender, seq, json in events:
+                rooms.live(project_id, room, seq, json, sender if ours else None)
+        elif kind == PRESENCE:
+            self.presence.refresh(project_id)
+
+
+class _RoomSteps:
+    """What the L{Sequencer} asks of Redis and of the registry, for L{RedisBus}."""
+
+    def __init__(self, bus: RedisBus) -> None:
+        self._bus = bus
+
+    def read(self, project_id: str, room: RoomSequence, since: int | None) -> None:
+        rooms = self._bus.rooms
+
+        def done(result: ReadResult | Failure) -> None:
+            if isinstance(result, Failure):
+                rooms.read_failed(project_id, room, result.getErrorMessage())
+            else:
+                rooms.read_done(project_id, room, since, result)
+
+        self._bus.read_history(project_id, since, kept=True).addBoth(done)
+
+    def subscribe(self, project_id: str, room: RoomSequence) -> bool:
+        bus = self._bus
+        epoch = bus.rooms.epoch
+        d = bus.link.subscribe(channel_name(project_id))
+        if d is None:
+            return False  # subscribed again on reconnection
+        bus._in_flight += 1
+
+        def answered(result: object) -> None:
+            bus._in_flight -= 1
+            # A failure means the connection was lost (txredisapi fails the
+            # waiting commands before our lost hook runs): the room is
+            # subscribed again on reconnection.
+            if not isinstance(result, Failure):
+                bus.rooms.subscribed(project_id, room, epoch)
+            bus._changed()
+
+        d.addBoth(answered)
+        return True
+
+    def resync(self, project_id: str, at: int) -> None:
+        now_ms = int(self._bus._reactor.seconds() * 1000)
+        frame = text_frame(messages.resync_required(project_id, at, now_ms))
+        self._bus._registry.deliver(project_id, frame)
+
+    def release(self, project_id: str, waiting: list[Waiting]) -> None:
+        bus = self._bus
+        for envelope, fallback in waiting:
+            if bus.healthy:
+                bus.presence.publish(project_id, envelope)
+            else:
+                fallback()
+
+    def changed(self) -> None:
+        self._bus._changed()
