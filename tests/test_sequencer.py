@@ -42,7 +42,7 @@ class Steps:
         self.changes = 0
         self.rooms: dict[str, RoomSequence] = {}
 
-    # SequencerOutputs
+    # SequencerOutputs, then the sequencer's other callbacks
     def read(self, project_id: str, room: RoomSequence, since: int | None) -> None:
         self.rooms[project_id] = room
         self.asked.append(("read", project_id, since))
@@ -79,7 +79,7 @@ class SequencerTestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.steps = Steps()
-        self.seq = Sequencer(self.steps, self.steps.deliver, ME, buffer_limit=5)
+        self.seq = Sequencer(self.steps, self.steps.deliver, self.steps.changed, ME, buffer_limit=5)
         self.seq.commands_changed(True)
         self.seq.subscriber_changed(True)
 
@@ -400,7 +400,7 @@ class OrderPropertyTests(SynchronousTestCase):
     def test_any_arrival_order(self, arrivals: list[int], answer_now: list[bool]) -> None:
         """Live events in any order, with duplicates, end delivered gap-free once the reads answer."""
         steps = Steps()
-        seq = Sequencer(steps, steps.deliver, ME, buffer_limit=1000)
+        seq = Sequencer(steps, steps.deliver, steps.changed, ME, buffer_limit=1000)
         seq.commands_changed(True)
         seq.subscriber_changed(True)
         seq.open("p1")

@@ -20,18 +20,15 @@ from happyrobot.bus import Replay, Unavailable
 from happyrobot.config import redis_address
 from happyrobot.framing import text_frame
 from happyrobot.history import OpKey
-from happyrobot.redis import scripts
-from happyrobot.redis.appends import Appender
+from happyrobot.redis.events import EventStore
 from happyrobot.redis.client import RedisLink
 from happyrobot.redis.keys import (
     BATCH,
     EVENT,
     PRESENCE,
     channel_name,
-    history_key,
     new_instance_id,
     project_of,
-    seq_key,
     unpack_batch,
     unpack_envelope,
 )
@@ -58,7 +55,7 @@ class RedisBus(Service):
 
     Every instance, the sender's included, delivers events from its
     subscriptions, never directly: L{append} numbers, stores and publishes
-    through one script (L{Appender}), and each room's L{RoomSequence}
+    through one script (L{EventStore}), and each room's L{RoomSequence}
     delivers them in seq order with no gap and no duplicate (L{Sequencer}).
     The instance subscribes to a room's channel when the room gets its
     first local member and unsubscribes when it loses its last one.
@@ -98,6 +95,9 @@ class RedisBus(Service):
         self.instance_id = instance_id or new_instance_id()
         self._instance = self.instance_id.encode("utf-8")
         self.instance_ttl = instance_ttl
+        #: Bounds of each room's history (HISTORY_SIZE, HISTORY_TTL_SECONDS).
+        self.history_size = history_size
+        self.history_ttl_seconds = history_ttl_seconds
         #: Backoff between reconnection attempts (tests shorten it).
         self.reconnect_initial_delay = reconnect_initial_delay
         self.reconnect_max_delay = reconnect_max_delay
@@ -109,9 +109,12 @@ class RedisBus(Service):
             redis_address(url), reactor, self.reply_timeout, self._retry_delay,
             self._commands_changed, self._subscriber_changed, self._message, on_read_done,
         )
-        self.appends = Appender(self.link, reactor, self._instance, history_size,
-                                max(1, int(history_ttl_seconds * 1000)))
-        self.rooms = Sequencer(_RoomSteps(self), registry.deliver, self._instance, history_size)
+        self.events = EventStore(self.link, reactor, self._instance, history_size,
+                                 max(1, int(history_ttl_seconds * 1000)))
+        self._waiters = Waiters()
+        self._changed = self._waiters.check
+        self.rooms = Sequencer(_RoomSteps(self), registry.deliver, self._changed, self._instance,
+                               history_size)
         self.presence = Presence(
             self.link, registry, self.rooms, reactor, self.instance_id, instance_ttl,
             history_ttl_seconds, lambda: bool(self.healthy and self.running), connection_count,
@@ -119,18 +122,7 @@ class RedisBus(Service):
         self._was_healthy = False
         #: SUBSCRIBE and UNSUBSCRIBE commands not yet answered.
         self._in_flight = 0
-        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
         self._heartbeat: LoopingCall | None = None
-
-    @property
-    def history_size(self) -> int:
-        """HISTORY_SIZE: how many events each room's history keeps."""
-        return self.appends.history_size
-
-    @property
-    def history_ttl_seconds(self) -> float:
-        """HISTORY_TTL_SECONDS: how long each room's events are kept."""
-        return self.presence.history_ttl_seconds
 
     # ------------------------------------------------------------ Bus
 
@@ -152,11 +144,11 @@ class RedisBus(Service):
         L{Unavailable} while Redis is unreachable or when the reply was lost
         with the connection (a retry with the same op key finds the event).
         """
-        return self.appends.append(project_id, event, exclude, op_key)
+        return self.events.append(project_id, event, exclude, op_key)
 
     def flush(self) -> None:
         """Send the appends made so far (the end of an incoming read)."""
-        self.appends.flush()
+        self.events.flush()
 
     def replay(self, project_id: str, since: int) -> Deferred[Replay]:
         """
@@ -181,7 +173,7 @@ class RedisBus(Service):
             if not link.commands_up:
                 raise Unavailable(message)
         try:
-            seq, entries, _ = await self.read_history(project_id, since)
+            seq, entries, _ = await self.events.read(project_id, since)
         except Exception:
             link.unavailable(Failure(), message).raiseException()
         if room is not None:
@@ -196,28 +188,6 @@ class RedisBus(Service):
                 log.warn("{project_id}: live events up to {seq} were slow to arrive; "
                          "resuming anyway", project_id=project_id, seq=seq)
         return Replay(None if entries is None else entries[::2], seq)
-
-    def read_history(
-        self, project_id: str, since: int | None, kept: bool = False
-    ) -> Deferred[ReadResult]:
-        """
-        Run the read script: the room's seq, and its events after C{since}
-        with their sender tags, None when the history does not reach back
-        (or C{since} is None).  With C{kept}, a history that does not reach
-        back gives the events it still has instead, and the seq they follow.
-        """
-        d = self.link.eval(scripts.READ, [seq_key(project_id), history_key(project_id)], [
-            b"" if since is None else b"%d" % since, self.appends.history_size,
-            self.appends.history_ttl_ms, b"1" if kept else b"",
-        ])
-
-        def parsed(reply: list[Any]) -> ReadResult:
-            found = int(reply[1])
-            if found == 2:
-                return int(reply[0]), list(reply[3:]), int(reply[2])
-            return int(reply[0]), (list(reply[2:]) if found else None), None
-
-        return d.addCallback(parsed)
 
     def member_count(self, project_id: str) -> Deferred[int]:
         """The room's connections across live instances (see L{Presence.member_count})."""
@@ -234,34 +204,12 @@ class RedisBus(Service):
     # ------------------------------------------------------------ waiting
 
     def settled(self) -> bool:
-        """
-        Whether the link is up, Redis has answered every SUBSCRIBE and
-        UNSUBSCRIBE sent so far, and every local room has delivered its
-        events up to now.
-        """
+        """Whether the link is up, every (UN)SUBSCRIBE answered and every local room caught up."""
         return self.healthy and self._in_flight == 0 and self.rooms.settled()
 
     def when(self, condition: Callable[[], bool]) -> Deferred[None]:
-        """
-        A Deferred that fires once C{condition()} holds, checked after every
-        change of the link or of a room (e.g. C{bus.when(bus.settled)}).
-        """
-        d: Deferred[None] = Deferred()
-        self._waiters.append((condition, d))
-        self._changed()
-        return d
-
-    def _changed(self) -> None:
-        if not self._waiters:
-            return
-        waiting, self._waiters = self._waiters, []
-        for condition, d in waiting:
-            if d.called:
-                continue  # timed out or cancelled
-            if condition():
-                d.callback(None)
-            else:
-                self._waiters.append((condition, d))
+        """Fires once C{condition()} holds, checked at every change (C{when(bus.settled)})."""
+        return self._waiters.when(condition)
 
     # ------------------------------------------------------------ RoomListener
 
@@ -286,7 +234,7 @@ class RedisBus(Service):
         d = self.link.unsubscribe(channel_name(project_id))
         if d is not None:
             self._in_flight += 1
-            d.addErrback(lambda _: None).addCallback(self._answered)
+            d.addBoth(self._answered)
         self._changed()
 
     def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
@@ -414,7 +362,7 @@ class _RoomSteps:
             else:
                 rooms.read_done(project_id, room, since, result)
 
-        self._bus.read_history(project_id, since, kept=True).addBoth(done)
+        self._bus.events.read(project_id, since, kept=True).addBoth(done)
 
     def subscribe(self, project_id: str, room: RoomSequence) -> bool:
         bus = self._bus
@@ -449,5 +397,29 @@ class _RoomSteps:
             else:
                 fallback()
 
-    def changed(self) -> None:
-        self._bus._changed()
+
+class Waiters:
+    """Deferreds waiting for conditions, checked whenever something may have changed."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
+
+    def when(self, condition: Callable[[], bool]) -> Deferred[None]:
+        """A Deferred that fires once C{condition()} holds (checked now and by L{check})."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((condition, d))
+        self.check()
+        return d
+
+    def check(self) -> None:
+        """Fire the Deferreds whose condition now holds."""
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        for condition, d in waiting:
+            if d.called:
+                continue  # timed out or cancelled
+            if condition():
+                d.callback(None)
+            else:
+                self._waiting.append((condition, d))

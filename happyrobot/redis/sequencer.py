@@ -59,9 +59,6 @@ class SequencerOutputs(Protocol):
     def release(self, project_id: str, waiting: list[Waiting]) -> None:
         """The room's SUBSCRIBE is confirmed: publish what waited for it."""
 
-    def changed(self) -> None:
-        """A room advanced (for whoever waits on L{RoomSequence.synced} or C{last})."""
-
 
 class RoomSequence:
     """
@@ -108,6 +105,8 @@ class Sequencer:
         C{deliver(project_id, frame, exclude, seq)} (the registry's
         C{deliver}); called once per event, with nothing allocated but the
         frame.
+    @param advanced: called whenever a room advanced (for whoever waits on
+        L{RoomSequence.synced} or C{last}).
     @param instance: this instance's id, to recognise its members' events
         read from the history.
     @param buffer_limit: how many live events a stale room keeps waiting
@@ -118,11 +117,12 @@ class Sequencer:
         self,
         outputs: SequencerOutputs,
         deliver: Callable[[str, bytes, str | None, int], object],
+        advanced: Callable[[], None],
         instance: bytes,
         buffer_limit: int,
     ) -> None:
         self._out = outputs
-        self._changed = outputs.changed
+        self._changed = advanced
         self._deliver_frame = deliver
         self._instance = instance
         self.buffer_limit = buffer_limit

@@ -1,7 +1,8 @@
 """
-Numbering, storing and publishing events: the appends of one room made
-during one incoming read (or one reactor turn) go to Redis together, as
-one script call, and are published as one C{B} envelope.
+A room's events in Redis: numbering, storing and publishing them, and
+reading them back.  The appends of one room made during one incoming read
+(or one reactor turn) go to Redis together, as one script call, and are
+published as one C{B} envelope.
 
 Redis runs scripts one at a time and sends each channel's messages to
 every subscriber in that order, so every instance receives a room's events
@@ -20,6 +21,7 @@ from happyrobot.bus import Unavailable
 from happyrobot.history import OpKey
 from happyrobot.redis import scripts
 from happyrobot.redis.client import RedisLink
+from happyrobot.redis.sequencer import ReadResult
 from happyrobot.redis.keys import (
     BATCH,
     EVENT,
@@ -40,9 +42,10 @@ UNCONFIRMED = "Redis did not confirm the event; it may have been stored"
 _Append = tuple[bytes, "str | None", "OpKey | None", "Deferred[int]"]
 
 
-class Appender:
+class EventStore:
     """
-    The appends waiting for L{flush}, per room in order.
+    The scripts that append and read rooms' events, and the appends
+    waiting for L{flush}, per room in order.
 
     @param history_size: HISTORY_SIZE, the stream's approximate length.
     @param history_ttl_ms: HISTORY_TTL_SECONDS in milliseconds.
@@ -147,3 +150,23 @@ class Appender:
                 d.errback(failure)
 
         self._link.eval(scripts.BATCH, keys, args).addCallbacks(appended, failed)
+
+    def read(self, project_id: str, since: int | None, kept: bool = False) -> Deferred[ReadResult]:
+        """
+        Run the read script: the room's seq, and its events after C{since}
+        with their sender tags, None when the history does not reach back
+        (or C{since} is None).  With C{kept}, a history that does not reach
+        back gives the events it still has instead, and the seq they follow.
+        """
+        d = self._link.eval(scripts.READ, [seq_key(project_id), history_key(project_id)], [
+            b"" if since is None else b"%d" % since, self.history_size, self.history_ttl_ms,
+            b"1" if kept else b"",
+        ])
+
+        def parsed(reply: list[Any]) -> ReadResult:
+            found = int(reply[1])
+            if found == 2:
+                return int(reply[0]), list(reply[3:]), int(reply[2])
+            return int(reply[0]), (list(reply[2:]) if found else None), None
+
+        return d.addCallback(parsed)
