@@ -1069,7 +1069,7 @@ class BatchTests(BusTestCase):
         a = await self.start_bus(redis)
         m1 = await a.member("a1")
         ds = [a.bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
-        a.bus.appends.scheduled.cancel()  # the flush comes after the link is lost
+        a.bus.events.scheduled.cancel()  # the flush comes after the link is lost
         await redis.stop()
         await a.bus.when(lambda: not a.bus.healthy)
         a.bus.flush()
