@@ -20,8 +20,8 @@ from happyrobot.bus import Replay, Unavailable
 from happyrobot.config import redis_address
 from happyrobot.framing import text_frame
 from happyrobot.history import OpKey
-from happyrobot.redis.events import EventStore
 from happyrobot.redis.client import RedisLink
+from happyrobot.redis.events import EventStore
 from happyrobot.redis.keys import (
     BATCH,
     EVENT,

@@ -21,7 +21,6 @@ from happyrobot.bus import Unavailable
 from happyrobot.history import OpKey
 from happyrobot.redis import scripts
 from happyrobot.redis.client import RedisLink
-from happyrobot.redis.sequencer import ReadResult
 from happyrobot.redis.keys import (
     BATCH,
     EVENT,
@@ -32,6 +31,7 @@ from happyrobot.redis.keys import (
     sender_tag,
     seq_key,
 )
+from happyrobot.redis.sequencer import ReadResult
 
 #: An event sent to Redis without an answer: it may or may not be stored.
 #: Sent again with "ack": true and the same operationId, it is recognised

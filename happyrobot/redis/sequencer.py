@@ -127,6 +127,9 @@ class Sequencer:
         self._instance = instance
         self.buffer_limit = buffer_limit
         self._rooms: dict[str, RoomSequence] = {}
+        #: The room's sequence, None when it has no local member (the
+        #: dict's own get: it is looked up once per message).
+        self.room: Callable[[str], RoomSequence | None] = self._rooms.get
         self.commands_up = False
         self.subscriber_up = False
         #: Counts subscriber connections, so a confirmation from a lost one is ignored.
@@ -142,10 +145,6 @@ class Sequencer:
 
     def __len__(self) -> int:
         return len(self._rooms)
-
-    def room(self, project_id: str) -> RoomSequence | None:
-        """The room's sequence, None when it has no local member."""
-        return self._rooms.get(project_id)
 
     def open(self, project_id: str) -> None:
         """The room's first local member arrived: read its seq, then subscribe."""
