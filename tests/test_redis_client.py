@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.redis import scripts
 from happyrobot.redis.client import TxredisapiChanged, check
+from happyrobot.tap import Options, makeService
 
 
 class CheckTests(SynchronousTestCase):
@@ -50,6 +52,17 @@ class CheckTests(SynchronousTestCase):
         self.patch(txredisapi.RedisProtocol, "__init__", init)
         e = self.assertRaises(TxredisapiChanged, check)
         self.assertIn("RedisProtocol()._ready", str(e))
+
+    def test_make_service_stops_with_one_line(self) -> None:
+        """With REDIS_URL and such a txredisapi, the server stops before it starts, in one line."""
+        import txredisapi
+
+        self._without(txredisapi.RedisProtocol, "ping")
+        options = Options(environ={"REDIS_URL": "redis://127.0.0.1:1/0"})
+        options.parseOptions(["--env-file="])
+        e = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+        self.assertRegex(str(e), r"^happyrobot-ws: txredisapi \S+ lacks RedisProtocol\.ping; "
+                                 r"happyrobot needs txredisapi[^\n]*$")
 
 
 class ScriptTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ from happyrobot.bus import Replay, Unavailable
 from happyrobot.config import redis_address
 from happyrobot.framing import text_frame
 from happyrobot.history import OpKey
-from happyrobot.redis.client import RedisLink
+from happyrobot.redis.client import RedisLink, check
 from happyrobot.redis.events import EventStore
 from happyrobot.redis.keys import (
     BATCH,
@@ -90,6 +90,7 @@ class RedisBus(Service):
         connection_count: Callable[[], int] = lambda: 0,
         on_read_done: Callable[[], None] = lambda: None,
     ) -> None:
+        check()  # txredisapi has what the client relies on, or one line says what is missing
         self._registry = registry
         self._reactor = reactor
         self.instance_id = instance_id or new_instance_id()

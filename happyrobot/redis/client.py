@@ -1,12 +1,12 @@
 """
 The two Redis connections of the bus, and the only importer of txredisapi.
 
-txredisapi is imported lazily (in L{check} and L{protocol_classes}, when
-the bus starts), because importing it installs the global reactor.
+txredisapi is imported lazily (in L{check}, when the bus is made, and in
+L{protocol_classes}), because importing it installs the global reactor.
 
 What we use of txredisapi beyond its documented API lives here and only
-here, and L{check} stops the server at start-up with one line naming the
-txredisapi version if an upgrade removed it:
+here, and L{check} stops the server before it starts, with one line naming
+the txredisapi version, if an upgrade removed it:
 
   - C{RedisProtocol._ready}: whether C{connectionMade} got through AUTH
     and SELECT (the connection is usable);
@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from happyrobot import logs
 from happyrobot.bus import Unavailable
-from happyrobot.config import RedisAddress
+from happyrobot.config import ConfigError, RedisAddress
 from happyrobot.redis.scripts import ALL as ALL_SCRIPTS
 from happyrobot.redis.scripts import Script
 
@@ -43,14 +43,17 @@ log = logs.get_logger(__name__)
 UNREACHABLE_LOG_SECONDS = 10.0
 
 
-class TxredisapiChanged(RuntimeError):
-    """The installed txredisapi lacks something happyrobot relies on."""
+class TxredisapiChanged(ConfigError):
+    """
+    The installed txredisapi lacks something happyrobot relies on (a
+    L{ConfigError}: makeService stops with its one line).
+    """
 
 
 def check() -> None:
     """
     Stop with one clear line if the installed txredisapi lacks what this
-    module relies on (called when the Redis bus starts).
+    module relies on (called when the Redis bus is made).
 
     @raise TxredisapiChanged: naming the version and what is missing.
     """
@@ -59,11 +62,12 @@ def check() -> None:
     missing = [name for name in ("ConnectionError", "ResponseError", "TimeoutError",
                                  "RedisProtocol", "SubscriberProtocol") if not hasattr(txredisapi, name)]
     if not missing:
-        for cls, attrs in ((txredisapi.RedisProtocol, ("callLater", "replyReceived", "ping",
-                                                       "execute_command")),
-                           (txredisapi.SubscriberProtocol, ("subscribe", "unsubscribe",
-                                                            "messageReceived"))):
-            missing += [f"{cls.__name__}.{a}" for a in attrs if not hasattr(cls, a)]
+        for name, attrs in (("RedisProtocol", ("callLater", "replyReceived", "ping",
+                                               "execute_command")),
+                            ("SubscriberProtocol", ("subscribe", "unsubscribe",
+                                                    "messageReceived"))):
+            cls = getattr(txredisapi, name)
+            missing += [f"{name}.{a}" for a in attrs if not hasattr(cls, a)]
         if not missing:
             try:
                 proto = txredisapi.RedisProtocol(charset=None, convertNumbers=False,
@@ -351,8 +355,7 @@ class RedisLink:
         return self._commands is not None and self._subscriber is not None
 
     def start(self) -> None:
-        """Check txredisapi, then start connecting (and reconnecting, with backoff)."""
-        check()
+        """Start connecting (and reconnecting, with backoff)."""
         command_class, subscriber_class = protocol_classes()
         a = self.address
         factories = [
