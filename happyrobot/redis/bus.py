@@ -24,11 +24,11 @@ from happyrobot.redis.client import RedisLink, check
 from happyrobot.redis.events import EventStore
 from happyrobot.redis.keys import (
     BATCH,
+    CHANNEL_PREFIX,
     EVENT,
     PRESENCE,
     channel_name,
     new_instance_id,
-    project_of,
     unpack_batch,
     unpack_envelope,
 )
@@ -37,6 +37,9 @@ from happyrobot.redis.sequencer import ReadResult, RoomSequence, Sequencer, Wait
 from happyrobot.rooms import RoomRegistry
 
 log = logs.get_logger(__name__)
+
+#: A room's channel name is this prefix and its project id (inlined on the hot path).
+_PREFIX_LENGTH = len(CHANNEL_PREFIX)
 
 #: How long clean-up commands may take when the service stops.
 GOODBYE_TIMEOUT_SECONDS = 2.0
@@ -324,7 +327,7 @@ class RedisBus(Service):
     def _message(self, channel: bytes, data: bytes) -> None:
         """A message on one of our channels: deliver it to the local members."""
         try:
-            project_id = project_of(channel)
+            project_id = channel[_PREFIX_LENGTH:].decode("utf-8", "surrogatepass")
             kind, instance, sender, seq, body = unpack_envelope(data)
         except (ValueError, UnicodeDecodeError):
             log.warn("ignored a malformed message on a Redis channel")

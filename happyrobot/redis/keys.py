@@ -74,11 +74,6 @@ def channel_name(project_id: str) -> bytes:
     return CHANNEL_PREFIX + _name(project_id)
 
 
-def project_of(channel: bytes) -> str:
-    """The project id of a room's channel (the inverse of L{channel_name})."""
-    return channel[len(CHANNEL_PREFIX):].decode("utf-8", "surrogatepass")
-
-
 def presence_key(project_id: str) -> bytes:
     """The Redis hash of one room's members, by instance."""
     return PRESENCE_PREFIX + _name(project_id)
