@@ -223,9 +223,8 @@ class RedisBus(Service):
 
     def room_closed(self, project_id: str) -> None:
         """
-        The last local member left: send what waited for the subscription
-        (other instances may still have members), withdraw our presence,
-        and unsubscribe.
+        The last local member left: send what waited for the SUBSCRIBE (the
+        other instances' members), withdraw our presence, and unsubscribe.
         """
         room = self.rooms.close(project_id)
         self.presence.room_closed(project_id)
@@ -242,10 +241,7 @@ class RedisBus(Service):
         self._changed()
 
     def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
-        """
-        Our members of C{project_id} changed: store them and tell every
-        instance; while Redis is down only our own members are told.
-        """
+        """Our members changed: tell every instance (only ours while Redis is down)."""
         if not (self.healthy and self.running):
             self._registry.send_presence(project_id, active_users)
             return
@@ -291,11 +287,16 @@ class RedisBus(Service):
     # ------------------------------------------------------------ connections
 
     def _commands_changed(self, up: bool) -> None:
-        if not up and self.running:
-            log.error("Redis link lost (commands): events are refused (UNAVAILABLE) "
-                      "until it is back")
+        # The rooms hear of a loss first (none may try to read meanwhile),
+        # of a new link last (they read once the link is announced).
+        if not up:
+            self.rooms.commands_changed(False)
+            if self.running:
+                log.error("Redis link lost (commands): events are refused (UNAVAILABLE) "
+                          "until it is back")
         self._link_changed()
-        self.rooms.commands_changed(up)
+        if up:
+            self.rooms.commands_changed(True)
 
     def _subscriber_changed(self, up: bool) -> None:
         self.rooms.subscriber_changed(up)
