@@ -9,7 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/happyrobot_ws.py"], "happyrobot": ["static/*"]},
+    package_data={
+        "twisted": ["plugins/happyrobot_ws.py"],
+        "happyrobot": ["static/*"],
+        "happyrobot.redis.scripts": ["*.lua"],
+    },
     python_requires=">=3.11",
     install_requires=[
         "twisted>=24.7,<27",

@@ -22,10 +22,11 @@ from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
 from happyrobot import auth, backend, logs, workers
-from happyrobot.bus import Bus, LocalBus, RedisBus
+from happyrobot.bus import Bus, LocalBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
+from happyrobot.redis.bus import RedisBus
 from happyrobot.rooms import RoomRegistry
 from happyrobot.web import make_site
 from happyrobot.ws import CLOSE_GOING_AWAY, CollabFactory
@@ -189,23 +190,31 @@ class DrainService(MultiService):
 def build_factory(config: Config, reactor: Any) -> CollabFactory:
     """
     The registry, the bus and the WebSocket factory that holds them.  With
-    C{config.redis_url} the bus is a L{RedisBus}, a service the caller
-    starts and stops (L{makeService} makes it a child); otherwise the
-    in-memory L{LocalBus}.
+    C{config.redis_url} the bus is a L{RedisBus}, otherwise the in-memory
+    L{LocalBus}: either is a service the caller starts and stops
+    (L{makeService} makes it a child).
     """
     registry = RoomRegistry(reactor, config.presence_window_seconds)
+    # The bus is made before the factory that holds it; these ask the factory later.
+    factory: CollabFactory
+
+    def connection_count() -> int:
+        return len(factory.connections)
+
     bus: Bus
     if config.redis_url:
         bus = registry.listener = registry.presence_publisher = RedisBus(
             registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
             history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
+            connection_count=connection_count,
+            on_read_done=lambda: factory.flusher.flush_all(),
         )
     else:
         histories = Histories(
             config.history_size, config.history_ttl_seconds,
             config.history_max_bytes, config.history_total_bytes,
         )
-        bus = LocalBus(registry, histories, reactor)
+        bus = LocalBus(registry, histories, reactor, connection_count)
     factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
     # Per-server metrics (its own Prometheus registry), fed once per event
     # by the registry and once per turn by the flusher.
@@ -213,9 +222,6 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     registry.on_deliver = factory.metrics.fanout
     # Rooms hand their frames straight to the connections' writers.
     registry.fan_out = factory.flusher.fan_out
-    if isinstance(bus, RedisBus):
-        bus.connection_count = lambda: len(factory.connections)
-        bus.on_read_done = lambda: factory.flusher.flush_all()
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
     factory.http_pool = HTTPConnectionPool(reactor)
@@ -265,10 +271,6 @@ def metrics_sampler(factory: CollabFactory, reactor: Any) -> TimerService:
     return sampler
 
 
-#: How often the in-memory engine forgets histories whose events aged out.
-HISTORY_SWEEP_SECONDS = 60.0
-
-
 def _logged(work: Callable[[], object]) -> Callable[[], None]:
     """C{work} for a timer: an error is logged and the timer keeps going."""
 
@@ -312,8 +314,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         factory, config.shutdown_timeout_seconds, config.drain_window_seconds
     )
     drain.setServiceParent(service)
-    if IService.providedBy(factory.bus):
-        factory.bus.setServiceParent(drain)
+    factory.bus.setServiceParent(drain)
     if multi:
         workers.ReusePortService(reactor, config.port, make_site(factory)).setServiceParent(
             service
@@ -327,10 +328,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         assert listener is not None
         listener.setServiceParent(service)
     metrics_sampler(factory, reactor).setServiceParent(service)
-    if isinstance(factory.bus, LocalBus):
-        sweeper = TimerService(HISTORY_SWEEP_SECONDS, _logged(factory.bus.sweep))
-        sweeper.clock = reactor
-        sweeper.setServiceParent(service)
     service.factory = factory  # type: ignore[attr-defined]
     if config.production and "*" in config.allowed_origins:
         log.warn("ALLOWED_ORIGINS is * in production: any web site may open WebSockets here")

@@ -181,21 +181,7 @@ class Stats(_JsonEndpoint):
     operator = True
 
     def json_GET(self, request: Request) -> bytes | int:
-        cluster_stats = getattr(self.factory.bus, "cluster_stats", None)
-        if cluster_stats is not None:  # RedisBus: the whole deployment
-            return _json_later(request, Deferred.fromCoroutine(cluster_stats()))
-        rooms = self.factory.registry.snapshot()
-        return _json(
-            request,
-            200,
-            {
-                "totalClients": len(self.factory.connections),
-                "totalProjects": len(rooms),
-                "projectStats": {
-                    pid: {"clientCount": len(ids), "clients": ids} for pid, ids in rooms.items()
-                },
-            },
-        )
+        return _json_later(request, self.factory.bus.cluster_stats())
 
 
 class BroadcastEndpoint(_JsonEndpoint):

@@ -1,7 +1,9 @@
 """
-Tests for the Redis bus: the envelope and settings as plain code, then two
+Tests for the Redis bus: its settings and wiring as plain code, then two
 server instances in this process sharing a real ``redis-server`` (started
-and stopped by the helpers; no fake Redis).
+and stopped by the helpers; no fake Redis).  The envelope, the reply
+parser and the room sequencer have their own plain-code tests
+(test_redis_keys, test_redis_client, test_sequencer).
 """
 
 from __future__ import annotations
@@ -18,29 +20,21 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import Clock
-from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot import bus as bus_module
-from happyrobot.bus import (
-    EVENT,
-    LocalBus,
-    RedisBus,
-    Unavailable,
-    channel_name,
-    envelope_head,
-    merge_presence,
-    merge_stats,
-    pack_batch,
-    pack_envelope,
-    unpack_batch,
-    unpack_envelope,
-    _parse_reply,
-    _protocol_classes,
+from happyrobot.bus import LocalBus, Unavailable
+from happyrobot.config import (
+    Config,
+    ConfigError,
+    RedisAddress,
+    load_config,
+    redis_address,
 )
-from happyrobot.config import Config, ConfigError, RedisAddress, load_config, redis_address
 from happyrobot.framing import text_frame
+from happyrobot.redis.bus import RedisBus
+from happyrobot.redis.client import ConnectionFactory
 from happyrobot.rooms import RoomRegistry
 from happyrobot.tap import DrainService, Options, build_factory, makeService
 from happyrobot.web import make_site
@@ -71,175 +65,6 @@ def event(op: str, project_id: str = "p1") -> dict[str, Any]:
             "operationId": op}
 
 
-class EnvelopeTests(SynchronousTestCase):
-    """The Redis message format."""
-
-    def test_round_trip(self) -> None:
-        """An envelope gives back kind, instance, sender, seq and the body bytes untouched."""
-        body = b'{"a":"x\ny","seq":17}\x00\xff'
-        data = pack_envelope(EVENT, b"host-1-abc", "client_1_aa", body, 17)
-        self.assertEqual(unpack_envelope(data), (EVENT, b"host-1-abc", "client_1_aa", 17, body))
-
-    def test_no_sender(self) -> None:
-        """A server-side publish has no sender; a presence change has no seq."""
-        data = pack_envelope(EVENT, b"i", None, b"x", 5)
-        self.assertEqual(unpack_envelope(data), (EVENT, b"i", None, 5, b"x"))
-        data = pack_envelope(b"P", b"i", None, b"")
-        self.assertEqual(unpack_envelope(data), (b"P", b"i", None, None, b""))
-
-    def test_script_envelope(self) -> None:
-        """The append script's envelope (head + seq + newline + JSON) unpacks the same way."""
-        data = envelope_head(EVENT, b"i", "c1") + b"42\n" + b'{"seq":42}'
-        self.assertEqual(unpack_envelope(data), (EVENT, b"i", "c1", 42, b'{"seq":42}'))
-
-    def test_malformed(self) -> None:
-        """Bytes that are not an envelope raise ValueError."""
-        self.assertRaises(ValueError, unpack_envelope, b"E\nonly")
-        self.assertRaises(ValueError, unpack_envelope, b"E\ni\nc\nnot-a-number\n{}")
-
-    def test_batch_round_trip(self) -> None:
-        """A batch body gives back each event's sender, seq and JSON, any bytes included."""
-        events = [("c1", 7, b'{"a":"x\n3\n","seq":7}'), (None, 8, b"{}\x00\xff"), ("c2", 9, b"")]
-        kind, instance, sender, seq, body = unpack_envelope(pack_batch(b"i", events))
-        self.assertEqual((kind, instance, sender, seq), (b"B", b"i", None, 7))
-        self.assertEqual(unpack_batch(body), events)
-
-    def test_batch_malformed(self) -> None:
-        """A truncated or garbled batch raises ValueError."""
-        self.assertRaises(ValueError, unpack_batch, b"c1\n7\n10\n{}")
-        self.assertRaises(ValueError, unpack_batch, b"c1\n7\n")
-        self.assertRaises(ValueError, unpack_batch, b"c1\nx\n2\n{}")
-
-    def test_channel_name(self) -> None:
-        """Each room has its own channel, binary-safe for any project id."""
-        self.assertEqual(channel_name("p1"), b"happyrobot:project:p1")
-        self.assertEqual(channel_name("\ud800"), b"happyrobot:project:\xed\xa0\x80")
-
-
-class ReplyParserTests(SynchronousTestCase):
-    """The subscriber connection's reply parser."""
-
-    STREAM = (
-        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n"
-        b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$6\r\na\r\nb\nc\r\n"
-        b"+OK\r\n-NOSCRIPT No matching script\r\n$-1\r\n*-1\r\n*0\r\n"
-        b"*2\r\n*1\r\n:7\r\n$0\r\n\r\n"
-        b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$1\r\nz\r\n"
-    )
-    EXPECTED = [
-        [b"subscribe", b"c1", 1], [b"message", b"c1", b"a\r\nb\nc"], "OK",
-        "NOSCRIPT No matching script", None, None, [], [[7], b""], [b"message", b"c1", b"z"],
-    ]
-
-    def _subscriber(self) -> tuple[Any, list[Any], list[Any]]:
-        replies: list[Any] = []
-        messages: list[Any] = []
-        proto = _protocol_classes()[1](charset=None, convertNumbers=False)
-        proto.replyQueue.put = replies.append  # what txredisapi's commands wait on
-        proto.factory = type("F", (), {
-            "message": lambda self, c, m: messages.append((c, m)),
-            "read_done": lambda self: messages.append("read done"),
-        })()
-        return proto, replies, messages
-
-    def _plain(self, replies: list[Any]) -> list[Any]:
-        return [str(r) if isinstance(r, Exception) else r for r in replies]
-
-    def test_replies_as_txredisapi_gives_them(self) -> None:
-        """Every reply type parses as txredisapi's own parser gives it (charset None)."""
-        pos, replies = 0, []
-        while pos < len(self.STREAM):
-            reply, pos = _parse_reply(self.STREAM, pos)
-            replies.append(reply)
-        self.assertEqual(self._plain(replies), self.EXPECTED)
-
-    def test_split_anywhere(self) -> None:
-        """Replies split across reads at any byte come out whole, once, in order."""
-        for cut in range(1, len(self.STREAM)):
-            proto, replies, messages = self._subscriber()
-            proto.dataReceived(self.STREAM[:cut])
-            proto.dataReceived(self.STREAM[cut:])
-            messages = [m for m in messages if m != "read done"]
-            self.assertEqual(messages, [(b"c1", b"a\r\nb\nc"), (b"c1", b"z")], cut)
-            # Not the subscribe confirmation: txredisapi drops it when no SUBSCRIBE waits.
-            self.assertEqual(self._plain(replies), self.EXPECTED[2:8], cut)
-
-    def test_one_read_handled_in_one_call(self) -> None:
-        """
-        Every message of a read is delivered before dataReceived returns
-        (txredisapi's parser put the rest of the read off to a later
-        reactor turn after each bulk string, so a burst of events was
-        written to the members one send() per event).
-        """
-        proto, _, messages = self._subscriber()
-        burst = b"".join(
-            b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$%d\r\n%s\r\n" % (len(b), b)
-            for b in (b"e%d" % i for i in range(32))
-        )
-        proto.dataReceived(burst)
-        # ...and then the bus hears that the read is done (its deliveries are written).
-        self.assertEqual(messages[-1], "read done")
-        self.assertEqual([m for _, m in messages[:-1]], [b"e%d" % i for i in range(32)])
-
-    def test_garbage_drops_the_connection(self) -> None:
-        """Bytes that are not RESP abort the connection (it is made again)."""
-        proto, _, messages = self._subscriber()
-        aborted = []
-        proto.transport = type("T", (), {"abortConnection": lambda self: aborted.append(1)})()
-        proto.dataReceived(b"?what\r\n")
-        self.assertEqual(aborted, [1])
-        self.assertEqual(messages, ["read done"])
-
-
-class MergeTests(SynchronousTestCase):
-    """Presence and statistics merged over instances, as plain code."""
-
-    def test_presence_in_join_order(self) -> None:
-        """Entries from several instances form one list ordered by join time."""
-        a = [{"clientId": "c2", "joinedAt": 20}, {"clientId": "c4", "joinedAt": 40}]
-        b = [{"clientId": "c3", "joinedAt": 30}, {"clientId": "c1", "joinedAt": 10}]
-        self.assertEqual([e["clientId"] for e in merge_presence([a, b])],
-                         ["c1", "c2", "c3", "c4"])
-
-    def test_stats(self) -> None:
-        """Totals and per-project lists add up over instances, with a per-instance part."""
-        body = merge_stats({
-            "i1": {"connections": 2, "projects": {"p1": ["a"]}, "startedAt": 1},
-            "i2": {"connections": 3, "projects": {"p1": ["b"], "p2": ["c", "d"]}},
-        })
-        self.assertEqual((body["totalClients"], body["totalProjects"]), (5, 2))
-        self.assertEqual(body["projectStats"]["p1"], {"clientCount": 2, "clients": ["a", "b"]})
-        self.assertEqual(body["instances"]["i2"], {"clients": 3, "projects": 2,
-                                                   "startedAt": None})
-
-    def test_registry_hands_presence_to_publisher(self) -> None:
-        """With a presence publisher the registry reports local presence and sends none itself."""
-        registry = RoomRegistry(Clock(), encode=lambda b: b)
-        calls: list[tuple[str, list[str]]] = []
-
-        class Publisher:
-            def presence_changed(self, project_id: str, users: list[dict[str, Any]]) -> None:
-                calls.append((project_id, [u["userId"] for u in users]))
-
-        class Member:
-            client_id, user_id, initials = "c1", "u1", "U1"
-
-            def __init__(self) -> None:
-                self.frames: list[bytes] = []
-                self.outlet = self
-
-            def send(self, frame: bytes) -> None:
-                self.frames.append(frame)
-
-        registry.presence_publisher = Publisher()
-        m = Member()
-        registry.join("p1", m)
-        self.assertEqual((calls, m.frames), ([("p1", ["u1"])], []))
-        registry.send_presence("p1", [{"userId": "u1"}, {"userId": "u9"}])
-        self.assertEqual(len(m.frames), 1)
-        self.assertIn(b'"userCount":2', m.frames[0])
-
-
 class UnreachableLogTests(SynchronousTestCase):
     """A lost link fails many requests at once; the log says so in one line."""
 
@@ -253,12 +78,12 @@ class UnreachableLogTests(SynchronousTestCase):
         lost = Failure(ConnectionError("Not received Redis response in 5.0 seconds"))
         with capturedLogs() as captured:
             for _ in range(300):
-                failure = bus._unavailable(lost, "m")
+                failure = bus.link.unavailable(lost, "m")
                 self.assertIsInstance(failure.value, Unavailable)
             clock.advance(9.9)
-            bus._unavailable(lost, "m")
+            bus.link.unavailable(lost, "m")
             clock.advance(0.1)
-            bus._unavailable(lost, "m")
+            bus.link.unavailable(lost, "m")
         warned = [e for e in captured if e["log_level"] == LogLevel.warn]
         self.assertEqual([e["n"] for e in warned], [1, 301])
         self.assertIn("5.0 seconds", warned[0]["why"])
@@ -535,7 +360,7 @@ class RedisFaultTests(RedisTestCase):
         """
         built: list[Any] = []
         rebuilt: Deferred[None] = Deferred()
-        build = bus_module._RedisClientFactory.buildProtocol
+        build = ConnectionFactory.buildProtocol
 
         def counting(factory: Any, addr: Any) -> Any:
             built.append(factory)
@@ -543,7 +368,7 @@ class RedisFaultTests(RedisTestCase):
                 rebuilt.callback(None)
             return build(factory, addr)
 
-        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        self.patch(ConnectionFactory, "buildProtocol", counting)
         redis = await self.start_redis()
         a = await self.start_node(redis, instance_ttl_seconds=1.0)  # 0.5 s reply timeout
         self.assertEqual((a.bus.reply_timeout, len(built)), (0.5, 2))
@@ -588,7 +413,7 @@ class RedisFaultTests(RedisTestCase):
         await admin.execute_command("CONFIG", "SET", "requirepass", "pw")
         built: list[Any] = []
         rebuilt: Deferred[None] = Deferred()
-        build = bus_module._RedisClientFactory.buildProtocol
+        build = ConnectionFactory.buildProtocol
 
         def counting(factory: Any, addr: Any) -> Any:
             built.append(factory)
@@ -596,7 +421,7 @@ class RedisFaultTests(RedisTestCase):
                 rebuilt.callback(None)
             return build(factory, addr)
 
-        self.patch(bus_module._RedisClientFactory, "buildProtocol", counting)
+        self.patch(ConnectionFactory, "buildProtocol", counting)
         registry = RoomRegistry(reactor, 0.0)
         bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
                        reconnect_max_delay=0.1)
@@ -776,11 +601,11 @@ class CrashTests(RedisTestCase):
         a = await self.start_node(redis, history_ttl_seconds=30.0)
         await a.join("p1", "user_a1")
         await a.settled()
-        await a.bus.when(lambda: "p1" in a.bus._registered)
+        await a.bus.when(lambda: "p1" in a.bus.presence.registered)
         ttl = await redis.command("PTTL", "happyrobot:presence:p1")
         self.assertTrue(0 < ttl <= 30_000, ttl)
         await redis.command("PERSIST", "happyrobot:presence:p1")
-        a.bus._keys_refreshed_at = -1e9  # due now
+        a.bus.presence.refresh_keys_next_beat()
         await a.bus.heartbeat()
         ttl = await redis.command("PTTL", "happyrobot:presence:p1")
         self.assertTrue(0 < ttl <= 30_000, ttl)
@@ -794,10 +619,10 @@ class CrashTests(RedisTestCase):
         a = await self.start_node(redis)
         await redis.command("SET", "happyrobot:instance:ghost", "{}", "PX", 60_000)
         await redis.command("HSET", "happyrobot:presence:p1", "ghost", "[]")
-        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 0)
+        self.assertEqual(await a.bus.presence.remove_dead("p1", [b"ghost"]), 0)
         self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), ["ghost"])
         await redis.command("DEL", "happyrobot:instance:ghost")
-        self.assertEqual(await a.bus._remove_dead("p1", [b"ghost"]), 1)
+        self.assertEqual(await a.bus.presence.remove_dead("p1", [b"ghost"]), 1)
         self.assertEqual(await redis.command("HKEYS", "happyrobot:presence:p1"), [])
 
 
@@ -976,13 +801,13 @@ class BatchTests(BusTestCase):
 
     def count_evals(self, node: BusNode) -> list[bytes]:
         calls: list[bytes] = []
-        original = node.bus._eval
+        original = node.bus.link.eval
 
         def counting(script: Any, keys: Any, args: Any) -> Any:
             calls.append(script.sha)
             return original(script, keys, args)
 
-        node.bus._eval = counting  # type: ignore[method-assign]
+        self.patch(node.bus.link, "eval", counting)
         return calls
 
     async def test_one_turn_one_script_call(self) -> None:
@@ -1051,13 +876,13 @@ class BatchTests(BusTestCase):
         redis = await self.start_redis()
         a, b = await self.start_bus(redis), await self.start_bus(redis)
         watcher = await b.member("b1")
-        receive = b.bus._receive
+        receive = b.bus.rooms.live
 
-        def lossy(project_id: str, channel: Any, seq: int, data: bytes, exclude: Any) -> None:
+        def lossy(project_id: str, room: Any, seq: int, data: bytes, exclude: Any) -> None:
             if b'"x-' not in data:  # the first batch is lost on the way to b
-                receive(project_id, channel, seq, data, exclude)
+                receive(project_id, room, seq, data, exclude)
 
-        b.bus._receive = lossy  # type: ignore[method-assign]
+        self.patch(b.bus.rooms, "live", lossy)
         lost = await gatherResults([a.bus.append("p1", raw_event(f"x-{i}")) for i in range(4)])
         later = await gatherResults([a.bus.append("p1", raw_event(f"y-{i}")) for i in range(3)])
         self.assertEqual(later[0], lost[-1] + 1)
@@ -1072,7 +897,7 @@ class BatchTests(BusTestCase):
         a = await self.start_bus(redis)
         m1 = await a.member("a1")
         ds = [a.bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
-        a.bus._flush_call.cancel()  # the flush comes after the link is lost
+        a.bus.events.scheduled.cancel()  # the flush comes after the link is lost
         await redis.stop()
         await a.bus.when(lambda: not a.bus.healthy)
         a.bus.flush()

@@ -1,0 +1,495 @@
+"""
+The two Redis connections of the bus, and the only importer of txredisapi.
+
+txredisapi is imported lazily (in L{check}, when the bus is made, and in
+L{protocol_classes}), because importing it installs the global reactor.
+
+What we use of txredisapi beyond its documented API lives here and only
+here, and L{check} stops the server before it starts, with one line naming
+the txredisapi version, if an upgrade removed it:
+
+  - C{RedisProtocol._ready}: whether C{connectionMade} got through AUTH
+    and SELECT (the connection is usable);
+  - the C{callLater} class attribute, its timer (the global reactor),
+    replaced per protocol by our reactor's;
+  - its reply parser, replaced on the subscriber connection by
+    L{WholeReadParser}, which feeds C{replyReceived} as txredisapi's does;
+  - the factory it expects (C{isLazy}, C{stopTrying}, C{connectionError}),
+    provided by L{ConnectionFactory} for a L{ClientService}.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from happyrobot import logs
+from happyrobot.bus import Unavailable
+from happyrobot.config import ConfigError, RedisAddress
+from happyrobot.redis.scripts import ALL as ALL_SCRIPTS
+from happyrobot.redis.scripts import Script
+
+log = logs.get_logger(__name__)
+
+#: At most one "Redis unreachable" line per this many seconds.
+UNREACHABLE_LOG_SECONDS = 10.0
+
+
+class TxredisapiChanged(ConfigError):
+    """
+    The installed txredisapi lacks something happyrobot relies on (a
+    L{ConfigError}: makeService stops with its one line).
+    """
+
+
+def check() -> None:
+    """
+    Stop with one clear line if the installed txredisapi lacks what this
+    module relies on (called when the Redis bus is made).
+
+    @raise TxredisapiChanged: naming the version and what is missing.
+    """
+    import txredisapi
+
+    missing = [name for name in ("ConnectionError", "ResponseError", "TimeoutError",
+                                 "RedisProtocol", "SubscriberProtocol") if not hasattr(txredisapi, name)]
+    if not missing:
+        for name, attrs in (("RedisProtocol", ("callLater", "replyReceived", "ping",
+                                               "execute_command")),
+                            ("SubscriberProtocol", ("subscribe", "unsubscribe",
+                                                    "messageReceived"))):
+            cls = getattr(txredisapi, name)
+            missing += [f"{name}.{a}" for a in attrs if not hasattr(cls, a)]
+        if not missing:
+            try:
+                proto = txredisapi.RedisProtocol(charset=None, convertNumbers=False,
+                                                 replyTimeout=1.0)
+            except TypeError as e:
+                missing.append(f"RedisProtocol(replyTimeout=...) ({e})")
+            else:
+                missing += [f"RedisProtocol().{a}" for a in ("_ready", "replyQueue")
+                            if not hasattr(proto, a)]
+    if missing:
+        version = importlib.metadata.version("txredisapi")
+        raise TxredisapiChanged(
+            f"txredisapi {version} lacks {', '.join(missing)}; happyrobot needs "
+            "txredisapi>=1.4.10,<2 as setup.py declares"
+        )
+
+
+def is_response_error(failure: Failure) -> bool:
+    """Whether Redis answered with an error (rather than the link failing)."""
+    return failure.check("txredisapi.ResponseError") is not None
+
+
+def is_connection_error(failure: Failure) -> bool:
+    """Whether the link failed (lost, or no reply in time: txredisapi's TimeoutError)."""
+    return failure.check("txredisapi.ConnectionError") is not None
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply; C{need} is how long it must at least be."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
+
+
+def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
+    """
+    One RESP2 reply of C{buf} from C{pos}, as txredisapi's own parser gives
+    it with C{charset=None} and C{convertNumbers=False} (a status as str,
+    an error as C{ResponseError}, an integer as int, a bulk string as bytes
+    or None, an array as a list or None), and where the next one starts.
+
+    @raise _Incomplete: when C{buf} ends before the reply does.
+    @raise ValueError: when C{buf} is not RESP.
+    """
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete(len(buf) + 1)
+    kind = buf[pos]
+    if kind == 36:  # $ bulk string
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        start = end + 2
+        stop = start + n
+        if len(buf) < stop + 2:
+            raise _Incomplete(stop + 2)
+        return buf[start:stop], stop + 2
+    if kind == 42:  # * array
+        n = int(buf[pos + 1:end])
+        if n < 0:
+            return None, end + 2
+        items = []
+        pos = end + 2
+        for _ in range(n):
+            item, pos = parse_reply(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 58:  # : integer
+        return int(buf[pos + 1:end]), end + 2
+    if kind == 43:  # + status
+        return buf[pos + 1:end].decode(), end + 2
+    if kind == 45:  # - error
+        from txredisapi import ResponseError
+
+        text = buf[pos + 1:end].decode(errors="replace")
+        return ResponseError(text), end + 2
+    raise ValueError(f"not a Redis reply: {buf[pos:pos + 1]!r}")
+
+
+class WholeReadParser:
+    """
+    Replaces txredisapi's pure-Python reply parser on the subscriber
+    connection.  That parser hands the rest of a read to C{callLater(0)}
+    after every bulk string, so each published message (three of them)
+    was handled on a reactor turn of its own, and each event was written
+    to every recipient with a C{send()} of its own.  This one handles
+    every complete reply of a read in the same call, so a burst of events
+    that arrived together is written together (one C{send()} per recipient
+    per turn, as with the embedded engine).
+    """
+
+    _rest = b""
+    #: The length the buffer must reach before the last incomplete reply
+    #: can be complete (so a large message is not parsed again per chunk).
+    _need = 0
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        buf = self._rest + data if self._rest else data
+        if len(buf) < self._need:
+            self._rest = buf
+            return
+        pos, size = 0, len(buf)
+        reply_received = self.replyReceived  # type: ignore[attr-defined]
+        self._rest, self._need = b"", 0
+        while pos < size:
+            try:
+                reply, pos = parse_reply(buf, pos)
+            except _Incomplete as incomplete:
+                self._rest, self._need = buf[pos:], incomplete.need - pos
+                return
+            except (ValueError, IndexError):
+                log.error("Redis sent something that is not a reply; reconnecting")
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+                return
+            reply_received(reply)
+
+
+class ConnectionFactory(Factory):
+    """
+    Builds txredisapi protocols for one L{ClientService} and tells the link
+    when a connection becomes usable and when it is lost (the factory
+    txredisapi's protocols expect, without its reconnection logic).
+    """
+
+    noisy = False
+    #: txredisapi: on a failed AUTH/SELECT, log instead of failing a Deferred.
+    isLazy = True
+
+    def __init__(
+        self,
+        protocol_class: type,
+        address: RedisAddress,
+        select_db: bool,
+        ready: Callable[[Any], None],
+        lost: Callable[[Any], None],
+        reactor: IReactorTime,
+        reply_timeout: float,
+        message: Callable[[bytes, bytes], None] | None = None,
+        read_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.protocol_class = protocol_class
+        self.address = address
+        self.select_db = select_db
+        self.ready = ready
+        self.lost = lost
+        self.reactor = reactor
+        self.reply_timeout = reply_timeout
+        self.message = message
+        self.read_done = read_done
+
+    def buildProtocol(self, addr: Any) -> Any:
+        a = self.address
+        proto = self.protocol_class(
+            charset=None,  # frames are bytes, not text: no decoding
+            convertNumbers=False,
+            password=a.password,
+            username=a.username,
+            dbid=a.db if self.select_db and a.db else None,
+            # A Redis that stops answering (hung, or cut off by a network
+            # partition, with the TCP connection still open) fails the
+            # command and drops the connection after this long, as if it
+            # had closed: the bus reports it and reconnects.
+            replyTimeout=self.reply_timeout,
+        )
+        proto.callLater = self.reactor.callLater  # txredisapi's own timer: the global reactor
+        proto.factory = self
+        return proto
+
+    def stopTrying(self) -> None:
+        """txredisapi calls this when AUTH or SELECT fails; keep retrying with backoff."""
+
+    def connectionError(self, why: str) -> None:
+        log.error("Redis refused this server: {why}", why=why)
+
+
+@functools.cache
+def protocol_classes() -> tuple[type, type]:
+    """txredisapi's command and subscriber protocols, hooked to report to their factory."""
+    import txredisapi
+
+    def ready_when_connected(proto: Any, d: Deferred[Any]) -> Deferred[Any]:
+        # txredisapi's connectionMade authenticates and selects the database
+        # before the connection is usable; _ready says whether it got there.
+        # Then Redis must answer a PING: the kernel of a hung Redis still
+        # accepts connections.
+        def answered(_: object) -> None:
+            try:
+                proto.factory.ready(proto)
+            except Exception:
+                log.failure("error setting up a Redis connection")
+
+        def refused(failure: Failure) -> None:
+            # A timeout has dropped the connection already; an error reply
+            # (LOADING while Redis reads its data, NOAUTH, ...) has not:
+            # drop it, and the service connects again after its backoff.
+            if not is_connection_error(failure):
+                log.warn("Redis answered PING with {why}; connecting again",
+                         why=failure.getErrorMessage())
+                proto.transport.abortConnection()
+
+        def ping(_: object) -> None:
+            if proto._ready:
+                proto.ping().addCallbacks(answered, refused)
+
+        return d.addCallback(ping)
+
+    class CommandProtocol(txredisapi.RedisProtocol):
+        def connectionMade(self) -> Deferred[Any]:
+            return ready_when_connected(self, super().connectionMade())
+
+        def connectionLost(self, why: Failure) -> None:
+            super().connectionLost(why)
+            self.factory.lost(self)
+
+    class SubscriberProtocol(WholeReadParser, txredisapi.SubscriberProtocol):
+        def connectionMade(self) -> Deferred[Any]:
+            return ready_when_connected(self, super().connectionMade())
+
+        def connectionLost(self, why: Failure) -> None:
+            super().connectionLost(why)
+            self.factory.lost(self)
+
+        def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+            self.factory.message(channel, message)
+
+        def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+            super().dataReceived(data, unpause)
+            self.factory.read_done()
+
+    return CommandProtocol, SubscriberProtocol
+
+
+class RedisLink:
+    """
+    The bus's two connections to Redis, each kept up by a L{ClientService}
+    with backoff: one for commands and one in subscriber mode (Redis allows
+    nothing but (UN)SUBSCRIBE and PING on it).  A new connection is used
+    once Redis has answered a PING on it; the scripts are loaded again on
+    every new command connection (and once more on NOSCRIPT).
+
+    The owner hears of each connection becoming usable or lost through the
+    callbacks it passes, and of each message and the end of each read of
+    the subscriber connection.  Nothing outside this class touches a
+    txredisapi object.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        reactor: IReactorTime,
+        reply_timeout: float,
+        retry_delay: Callable[[int], float],
+        commands_changed: Callable[[bool], None],
+        subscriber_changed: Callable[[bool], None],
+        message: Callable[[bytes, bytes], None],
+        read_done: Callable[[], None],
+    ) -> None:
+        self.address = address
+        self._reactor = reactor
+        self.reply_timeout = reply_timeout
+        self._retry_delay = retry_delay
+        self._commands_changed = commands_changed
+        self._subscriber_changed = subscriber_changed
+        self._message = message
+        self._read_done = read_done
+        self._services: list[ClientService] = []
+        #: The usable connections, None while (re)connecting.
+        self._commands: Any = None
+        self._subscriber: Any = None
+        self._unreachable = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
+
+    @property
+    def commands_up(self) -> bool:
+        """Whether the command connection is usable."""
+        return self._commands is not None
+
+    @property
+    def subscriber_up(self) -> bool:
+        """Whether the subscriber connection is usable."""
+        return self._subscriber is not None
+
+    @property
+    def up(self) -> bool:
+        """Whether both connections are usable."""
+        return self._commands is not None and self._subscriber is not None
+
+    def start(self) -> None:
+        """Start connecting (and reconnecting, with backoff)."""
+        command_class, subscriber_class = protocol_classes()
+        a = self.address
+        factories = [
+            ConnectionFactory(command_class, a, True, self._commands_ready, self._commands_lost,
+                               self._reactor, self.reply_timeout),
+            ConnectionFactory(subscriber_class, a, False, self._subscriber_ready,
+                               self._subscriber_lost, self._reactor, self.reply_timeout,
+                               self._message, self._read_done),
+        ]
+        for factory in factories:
+            endpoint = HostnameEndpoint(self._reactor, a.host, a.port)
+            service = ClientService(
+                endpoint, factory, retryPolicy=self._retry_delay, clock=self._reactor
+            )
+            service.startService()
+            self._services.append(service)
+
+    def stop(self) -> Deferred[Any]:
+        """Close both connections and stop reconnecting."""
+        services, self._services = self._services, []
+        return gatherResults([s.stopService() for s in services], consumeErrors=True)
+
+    # ------------------------------------------------------------ connection hooks
+
+    def _commands_ready(self, proto: Any) -> None:
+        self._commands = proto
+        # Before any EVALSHA on this connection (Redis may have restarted empty).
+        for script in ALL_SCRIPTS:
+            self._load(script)
+        self._commands_changed(True)
+
+    def _commands_lost(self, proto: Any) -> None:
+        if proto is self._commands:
+            self._commands = None
+            self._commands_changed(False)
+
+    def _subscriber_ready(self, proto: Any) -> None:
+        self._subscriber = proto
+        self._subscriber_changed(True)
+
+    def _subscriber_lost(self, proto: Any) -> None:
+        if proto is self._subscriber:
+            self._subscriber = None
+            self._subscriber_changed(False)
+
+    # ------------------------------------------------------------ commands
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        """Run one command on the command connection (a failed Deferred while down)."""
+        if self._commands is None:
+            return fail(ConnectionError("Redis link down"))
+        try:
+            return self._commands.execute_command(*args)
+        except Exception:
+            return fail()
+
+    def eval(self, script: Script, keys: list[bytes], args: list[Any]) -> Deferred[Any]:
+        """
+        EVALSHA C{script}; on NOSCRIPT (Redis restarted, or SCRIPT FLUSH)
+        load it and try once more.
+        """
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        d = self.command(*command)
+
+        def reload(failure: Failure) -> Deferred[Any] | Failure:
+            if "NOSCRIPT" not in failure.getErrorMessage():
+                return failure
+            log.info("Redis does not have our scripts: loading them again")
+            self._load(script)
+            return self.command(*command)
+
+        return d.addErrback(reload)
+
+    def _load(self, script: Script) -> None:
+        """SCRIPT LOAD, before the EVALSHAs that follow on the same connection."""
+
+        def failed(f: Failure) -> None:
+            if is_response_error(f):
+                log.failure("Redis refused our script", f)
+
+        self.command("SCRIPT", "LOAD", script.source).addErrback(failed)
+
+    def forget(self, d: Deferred[Any]) -> None:
+        """Run C{d} for its effect; a lost connection is handled elsewhere."""
+        d.addErrback(lambda f: log.debug("a Redis command failed: {f}", f=f.getErrorMessage()))
+
+    def unavailable(self, failure: Failure, message: str) -> Failure:
+        """
+        Log why a request failed (a lost link at most once every
+        L{UNREACHABLE_LOG_SECONDS}, with how many requests failed) and fail
+        with L{Unavailable} instead.
+        """
+        if is_response_error(failure):
+            log.failure("a Redis script failed", failure)
+        else:
+            n = self._unreachable.due()
+            if n:
+                log.warn("Redis unreachable: {why} ({n} requests failed since the last such line)",
+                         why=failure.getErrorMessage(), n=n)
+        return Failure(Unavailable(message))
+
+    # ------------------------------------------------------------ subscriber
+
+    def subscribe(self, channel: bytes) -> Deferred[Any] | None:
+        """
+        SUBSCRIBE to one channel (txredisapi matches one reply per command);
+        None when the subscriber connection is down (subscribe again when
+        it is back).  The Deferred fails if the connection is lost first.
+        """
+        if self._subscriber is None:
+            return None
+        try:
+            return self._subscriber.subscribe([channel])
+        except Exception:  # txredisapi's ConnectionError: the connection is going
+            return None
+
+    def unsubscribe(self, channel: bytes) -> Deferred[Any] | None:
+        """UNSUBSCRIBE from one channel; None when the subscription went with its connection."""
+        if self._subscriber is None:
+            return None
+        try:
+            return self._subscriber.unsubscribe([channel])
+        except Exception:
+            return None
+
+    def ping_subscriber(self) -> None:
+        """
+        PING on the subscriber connection, which only receives: it shows
+        that Redis still answers it (or fails after the reply timeout, and
+        the connection is dropped).
+        """
+        if self._subscriber is None:
+            return
+        try:
+            self.forget(self._subscriber.ping())
+        except Exception:
+            pass  # the connection is going: its connectionLost reports it
