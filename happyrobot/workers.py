@@ -119,7 +119,7 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
-        self.pool._ended(self, reason)
+        self.pool.child_ended(self, reason)
 
 
 class WorkerPool(Service):
@@ -145,7 +145,8 @@ class WorkerPool(Service):
         self._children[index] = (child, transport)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
-    def _ended(self, child: _Child, reason: Failure) -> None:
+    def child_ended(self, child: _Child, reason: Failure) -> None:
+        """Child worker C{child} has ended: restart it unless the pool is stopping."""
         self._children.pop(child.index, None)
         if self.running:
             log.error("worker {index} ended ({why}); restarting", index=child.index,
