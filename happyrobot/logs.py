@@ -32,7 +32,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from happyrobot.seams import twisted as twisted_seam
+from happyrobot.seams.twisted import emit_known_level
 from happyrobot.timers import cancel_if_active
 
 # set_level() sets txaio's log level, which needs txaio's framework chosen
@@ -64,7 +64,7 @@ class _LevelLogger(Logger):
     and builds the event even when a filter drops it later (together a
     tenth of the CPU of a WebSocket connect, with one info line each for
     the connect and the disconnect).  A kept event is built as Twisted
-    builds it (L{twisted_seam.emit_known_level}).
+    builds it (L{happyrobot.seams.twisted.emit_known_level}).
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
@@ -72,7 +72,7 @@ class _LevelLogger(Logger):
         if priority is None:
             super().emit(level, format, **kwargs)  # Twisted reports the bad level
         elif priority >= _min_priority:
-            twisted_seam.emit_known_level(self, level, format, kwargs)
+            emit_known_level(self, level, format, kwargs)
 
 
 def get_logger(namespace: str) -> Logger:
