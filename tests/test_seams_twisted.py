@@ -85,17 +85,18 @@ class CheckTests(SynchronousTestCase):
     def test_other_log_events(self) -> None:
         """A Logger.emit that builds other events than our copy fails the check too."""
         self.assertLacks(
-            "the log event layout of Logger.emit that happyrobot's copy builds",
+            "the log event layout happyrobot copies from Logger.emit",
             logger=_OtherEventLogger,
         )
 
     def test_make_service_stops_with_one_line(self) -> None:
-        """twistd gets the same one-line exit as for a bad setting, before anything is built."""
+        """twistd gets the same one-line exit as for a bad setting, checked before the settings."""
         from twisted.internet.testing import MemoryReactorClock
 
         self.patch(twisted_seam, "HTTPChannel", _ChannelWithoutQueue)
         reactor = MemoryReactorClock()
-        e = self.assertRaises(SystemExit, makeService, Options(environ={}), reactor)
+        options = Options(environ={"PORT": "not an endpoint"})
+        e = self.assertRaises(SystemExit, makeService, options, reactor)
         self.assertEqual(
             str(e),
             f"happyrobot-ws: Twisted {twisted_version} lacks HTTPChannel.requests, "

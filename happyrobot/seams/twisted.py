@@ -13,8 +13,8 @@ of failing later:
   - L{emit_known_level}: what C{Logger.emit} builds and hands to its
     observer, after the level check that L{happyrobot.logs} makes cheaper.
 
-Nothing else in happyrobot uses a Twisted attribute that starts with an
-underscore or overrides a Twisted method that is not documented for it.
+The rest of happyrobot keeps to Twisted's public API: no attribute that
+starts with an underscore, no override of a method not documented for it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def check(
     probe.emit(LogLevel.info, "{x}", x=1, log_trace=[])
     emit_known_level(probe, LogLevel.info, "{x}", {"x": 1, "log_trace": []})
     if len(events) != 2 or not _same_event(*events):
-        raise _lacks("the log event layout of Logger.emit that happyrobot's copy builds")
+        raise _lacks("the log event layout happyrobot copies from Logger.emit")
 
 
 def _same_event(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
