@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import atexit
 import sys
-import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, Protocol
 
 import txaio
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -30,6 +31,9 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from happyrobot.seams.twisted import emit_known_level
+from happyrobot.timers import cancel_if_active
 
 # set_level() sets txaio's log level, which needs txaio's framework chosen
 # (Autobahn's Twisted modules choose it too, but this module may come first).
@@ -59,27 +63,16 @@ class _LevelLogger(Logger):
     validates the level by sorting the L{LogLevel} constants on every call,
     and builds the event even when a filter drops it later (together a
     tenth of the CPU of a WebSocket connect, with one info line each for
-    the connect and the disconnect).  What is kept is the same event.
+    the connect and the disconnect).  A kept event is built as Twisted
+    builds it (L{happyrobot.seams.twisted.emit_known_level}).
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         priority = _PRIORITY.get(level)
         if priority is None:
             super().emit(level, format, **kwargs)  # Twisted reports the bad level
-            return
-        if priority < _min_priority:
-            return
-        kwargs.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time.time(),
-        )
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
-        self.observer(kwargs)
+        elif priority >= _min_priority:
+            emit_known_level(self, level, format, kwargs)
 
 
 def get_logger(namespace: str) -> Logger:
@@ -111,7 +104,7 @@ class Throttle:
     most one line per C{interval} seconds, which counts the others.
     """
 
-    def __init__(self, interval: float, clock: Any) -> None:
+    def __init__(self, interval: float, clock: IReactorTime) -> None:
         self._interval = interval
         self._clock = clock
         self._count = 0
@@ -130,6 +123,17 @@ class Throttle:
         return count
 
 
+class _Turns(Protocol):
+    """What L{LineObserver} uses of its reactor (parts of C{IReactorCore} and C{IReactorTime})."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+
 @implementer(ILogObserver)
 class LineObserver:
     """
@@ -145,11 +149,11 @@ class LineObserver:
     observer took about a seventh of the server's CPU per handshake.
     """
 
-    def __init__(self, out: IO[str], reactor: Any) -> None:
+    def __init__(self, out: IO[str], reactor: _Turns) -> None:
         self._out = out
         self._reactor = reactor
         self._lines: list[str] = []
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
         self._second: int | None = None
         self._stamp = ""
 
@@ -195,8 +199,7 @@ class LineObserver:
     def flush(self) -> None:
         """Write and flush every line not yet written."""
         call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_if_active(call)
         if self._lines:
             lines, self._lines = self._lines, []
             try:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
 
 from happyrobot import auth, backend, logs, workers
 from happyrobot.bus import Bus, LocalBus
@@ -28,7 +30,10 @@ from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus
 from happyrobot.rooms import RoomRegistry
+from happyrobot.seams import twisted as twisted_seam
+from happyrobot.timers import cancel_if_active
 from happyrobot.web import make_site
+from happyrobot.workers import IWorkerReactor
 from happyrobot.ws import CLOSE_GOING_AWAY, CollabFactory
 
 log = logs.get_logger(__name__)
@@ -86,14 +91,19 @@ class Options(usage.Options):
         return load_config(self, self.environ, dotenv)
 
 
-class ListeningService(StreamServerEndpointService):
+class IServerReactor(IWorkerReactor, IReactorTCP):
+    """
+    What the server's services use of their reactor (the reactors twistd
+    runs provide all of it).
+    """
+
+
+class ListeningService(twisted_seam.RaisingEndpointService):
     """
     The server's port.  One that cannot be bound (in use, no permission)
     stops start-up with one line instead of a traceback, or instead of
     running without a port.
     """
-
-    _raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:
@@ -102,7 +112,7 @@ class ListeningService(StreamServerEndpointService):
             raise SystemExit(f"happyrobot-ws: PORT: {e}") from None
 
 
-def listening_service(description: str, site: Any, reactor: Any) -> ListeningService:
+def listening_service(description: str, site: Site, reactor: IReactorTCP) -> ListeningService:
     """
     The L{ListeningService} for PORT's endpoint C{description}.
 
@@ -150,8 +160,7 @@ class DrainService(MultiService):
 
             def stop_timers(result: object) -> object:
                 for call in (abort, closer.get("call")):
-                    if call is not None and call.active():
-                        call.cancel()
+                    cancel_if_active(call)
                 return result
 
             done.addBoth(stop_timers)
@@ -187,7 +196,7 @@ class DrainService(MultiService):
         return timer
 
 
-def build_factory(config: Config, reactor: Any) -> CollabFactory:
+def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
     """
     The registry, the bus and the WebSocket factory that holds them.  With
     C{config.redis_url} the bus is a L{RedisBus}, otherwise the in-memory
@@ -237,7 +246,7 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
 
 
 def _verifier(
-    config: Config, reactor: Any, pool: HTTPConnectionPool
+    config: Config, reactor: IReactorTime, pool: HTTPConnectionPool
 ) -> auth.TokenVerifier | None:
     """The session-token verifier that JWT_PUBLIC_KEY or JWKS_URL asks for."""
     keys: auth.StaticKey | auth.JwksKeys
@@ -264,7 +273,7 @@ def _verifier(
 METRICS_SAMPLE_SECONDS = 1.0
 
 
-def metrics_sampler(factory: CollabFactory, reactor: Any) -> TimerService:
+def metrics_sampler(factory: CollabFactory, reactor: IReactorTime) -> TimerService:
     """The timer that samples C{factory.metrics} every second for /dashboard."""
     sampler = TimerService(METRICS_SAMPLE_SECONDS, _logged(factory.metrics.sample))
     sampler.clock = reactor
@@ -283,11 +292,14 @@ def _logged(work: Callable[[], object]) -> Callable[[], None]:
     return tick
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IServerReactor | None = None) -> IService:
     """Build the server's service tree from parsed L{Options}."""
     if reactor is None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IServerReactor, global_reactor)
     try:
+        twisted_seam.check()  # before anything relies on it
         config = options.config()
         multi = config.workers > 1 or workers.is_child()
         if multi and not config.redis_url:
@@ -303,8 +315,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 raise ConfigError("PORT: workers need a fixed port, not 0")
         factory = build_factory(config, reactor)
         listener = None if multi else listening_service(config.port, make_site(factory), reactor)
-    except ConfigError as e:
-        # One line naming the variable, as twistd users expect from a bad flag.
+    except (ConfigError, twisted_seam.Unsupported) as e:
+        # One line naming the variable (or what Twisted lacks), as twistd
+        # users expect from a bad flag.
         raise SystemExit(f"happyrobot-ws: {e}") from None
     logs.set_level(config.log_level)
     service = MultiService()

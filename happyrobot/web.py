@@ -18,12 +18,15 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http import CACHED, HTTPChannel
+from twisted.web.http import CACHED
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 from happyrobot import logs, messages, security
+from happyrobot.seams import twisted as twisted_seam
+from happyrobot.timers import cancel_if_active
 from happyrobot.ws import CollabFactory
 
 log = logs.get_logger(__name__)
@@ -46,10 +49,13 @@ def _cors(request: Request, factory: CollabFactory) -> None:
         request.setHeader(b"access-control-allow-credentials", b"true")
 
 
-class _JsonEndpoint(Resource):
+class Endpoint(Resource):
     """
-    A leaf answering JSON, with CORS, an ``OPTIONS`` preflight and a JSON
-    405 for methods it has no C{json_<METHOD>} for.
+    One of the server's leaves: CORS headers on every reply, an C{OPTIONS}
+    preflight, the API token for operator endpoints, then Twisted's
+    dispatch to C{render_<METHOD>} (C{HEAD} as C{GET}).  Its own errors
+    have JSON bodies: 404 below it, 401, and 405 for a method it has no
+    C{render_} for (with an C{Allow} header naming the ones it has).
     """
 
     isLeaf = True
@@ -61,31 +67,49 @@ class _JsonEndpoint(Resource):
     def __init__(self, factory: CollabFactory) -> None:
         super().__init__()
         self.factory = factory
+        # For Resource.render's 405: the methods rendered here, then OPTIONS
+        # (HEAD goes without saying where GET is).
+        rendered = (n[len("render_"):] for n in dir(self) if n.startswith("render_"))
+        self.allowedMethods = [
+            m.encode("ascii") for m in sorted(rendered) if m not in ("HEAD", "OPTIONS")
+        ] + [b"OPTIONS"]
 
     def render(self, request: Request) -> bytes | int:
         _cors(request, self.factory)
         if any(request.postpath or ()):  # /health/anything: not ours
             return _json(request, 404, {"error": "Not found"})
-        method = request.method.decode("ascii", "replace")
-        if method == "OPTIONS":
-            request.setResponseCode(204)
-            request.setHeader(b"access-control-allow-methods", _PREFLIGHT_METHODS)
-            wanted = request.getHeader(b"access-control-request-headers")
-            if wanted:
-                request.setHeader(b"access-control-allow-headers", wanted)
-            request.setHeader(b"content-length", b"0")
-            return b""
         token = self.factory.config.api_token
-        if self.operator and token and not self._authorized(request, token):
+        if (
+            self.operator
+            and token
+            and request.method != b"OPTIONS"  # a preflight carries no credentials
+            and not self._authorized(request, token)
+        ):
             request.setHeader(b"www-authenticate", b'Bearer realm="happyrobot"')
             return _json(request, 401, {"error": "Missing or invalid API token"})
-        handler = getattr(self, "json_" + ("GET" if method == "HEAD" else method), None)
-        if handler is None:
-            allowed = sorted(n[5:] for n in dir(self) if n.startswith("json_"))
-            request.setHeader(b"allow", ", ".join(allowed + ["OPTIONS"]).encode())
+        try:
+            return super().render(request)
+        except UnsupportedMethod as e:
+            request.setHeader(b"allow", b", ".join(e.allowedMethods))
+            method = request.method.decode("ascii", "replace")
             return _json(request, 405, {"error": f"Method {method} not allowed"})
-        return handler(request)
 
+    def render_HEAD(self, request: Request) -> bytes | int:
+        """C{GET} without the body (Twisted leaves it out), where there is a C{GET}."""
+        render_get = getattr(self, "render_GET", None)
+        if render_get is None:
+            raise UnsupportedMethod(self.allowedMethods)
+        return render_get(request)
+
+    def render_OPTIONS(self, request: Request) -> bytes:
+        """The CORS preflight: any method, and the headers asked for."""
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", _PREFLIGHT_METHODS)
+        wanted = request.getHeader(b"access-control-request-headers")
+        if wanted:
+            request.setHeader(b"access-control-allow-headers", wanted)
+        request.setHeader(b"content-length", b"0")
+        return b""
 
     def _authorized(self, request: Request, token: str) -> bool:
         if security.bearer_matches(request.getHeader(b"authorization"), token):
@@ -97,7 +121,7 @@ class _JsonEndpoint(Resource):
         )
 
 
-class NotFound(_JsonEndpoint):
+class NotFound(Endpoint):
     """Every path the server does not serve, whatever the method."""
 
     def render(self, request: Request) -> bytes | int:
@@ -105,10 +129,10 @@ class NotFound(_JsonEndpoint):
         return _json(request, 404, {"error": "Not found"})
 
 
-class Health(_JsonEndpoint):
+class Health(Endpoint):
     """``GET /health``: 200 while serving, 503 while draining or degraded."""
 
-    def json_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         f = self.factory
         now = f.clock.seconds()
         body: dict[str, Any] = {
@@ -125,27 +149,35 @@ class Health(_JsonEndpoint):
         return _json(request, 200 if body["status"] == "healthy" else 503, body)
 
 
-def _json_later(request: Request, body: Deferred[Any]) -> int:
-    """Answer 200 with the JSON C{body} once it is ready (unless the client left)."""
+def _json_later(request: Request, body: Deferred[Any]) -> bytes | int:
+    """
+    Answer with the JSON C{body}: at once when it is ready (the embedded
+    engine's), else once it is, unless the client left meanwhile.
+    """
+    ready: list[bytes] = []
+    waiting: list[bool] = []  # the reply was deferred
     gone: list[bool] = []
-    request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-    def write(result: Any) -> None:
-        if not gone:
-            request.write(_json(request, 200, result))
+    def answer(code: int, result: Any) -> None:
+        data = _json(request, code, result)
+        if not waiting:
+            ready.append(data)
+        elif not gone:
+            request.write(data)
             request.finish()
 
     def failed(f: Failure) -> None:
         if f.check(messages.ProtocolError) and f.value.code == "UNAVAILABLE":
-            code, body = 503, {"error": f.value.message}  # Redis is down: retry later
+            answer(503, {"error": f.value.message})  # Redis is down: retry later
         else:
             log.failure("building a reply failed", f)
-            code, body = 500, {"error": "Internal server error"}
-        if not gone:
-            request.write(_json(request, code, body))
-            request.finish()
+            answer(500, {"error": "Internal server error"})
 
-    body.addCallbacks(write, failed)
+    body.addCallbacks(lambda result: answer(200, result), failed)
+    if ready:
+        return ready[0]
+    waiting.append(True)
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
     return NOT_DONE_YET
 
 
@@ -156,7 +188,7 @@ def _client_script() -> tuple[bytes, bytes]:
     return body, b'"' + hashlib.sha256(body).hexdigest()[:20].encode("ascii") + b'"'
 
 
-class ClientScript(_JsonEndpoint):
+class ClientScript(Endpoint):
     """
     ``GET /client.js``: the browser client, an ES module (README, "Browser
     client").  CORS as on every resource, since browsers fetch module
@@ -164,7 +196,7 @@ class ClientScript(_JsonEndpoint):
     its ETag, so a new server version reaches browsers soon.
     """
 
-    def json_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         body, etag = _client_script()
         request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
         request.setHeader(b"cache-control", b"public, max-age=300")
@@ -175,21 +207,21 @@ class ClientScript(_JsonEndpoint):
         return body
 
 
-class Stats(_JsonEndpoint):
+class Stats(Endpoint):
     """``GET /stats``: connections and rooms with their client ids."""
 
     operator = True
 
-    def json_GET(self, request: Request) -> bytes | int:
+    def render_GET(self, request: Request) -> bytes | int:
         return _json_later(request, self.factory.bus.cluster_stats())
 
 
-class BroadcastEndpoint(_JsonEndpoint):
+class BroadcastEndpoint(Endpoint):
     """``POST /broadcast``: the back end publishes into a room."""
 
     operator = True
 
-    def json_POST(self, request: Request) -> bytes | int:
+    def render_POST(self, request: Request) -> bytes | int:
         if getattr(request, "body_too_large", False):
             limit = self.factory.config.max_broadcast_bytes
             return _json(request, 413, {"error": f"Body larger than {limit} bytes"})
@@ -219,12 +251,12 @@ class BroadcastEndpoint(_JsonEndpoint):
         return _json_later(request, Deferred.fromCoroutine(send()))
 
 
-class MetricsEndpoint(_JsonEndpoint):
+class MetricsEndpoint(Endpoint):
     """``GET /metrics``: this server's metrics in the Prometheus text format."""
 
     operator = True
 
-    def json_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return self.factory.metrics.exposition()
@@ -246,7 +278,7 @@ _DASHBOARD_POLICY = (
 DASHBOARD_ROOMS = 20
 
 
-class Dashboard(_JsonEndpoint):
+class Dashboard(Endpoint):
     """
     ``GET /dashboard``: one self-contained page (no external scripts) that
     polls ``/dashboard/data`` every second and draws its numbers.  Takes
@@ -266,7 +298,7 @@ class Dashboard(_JsonEndpoint):
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self if path == b"" else self._not_found  # /dashboard/ is the page too
 
-    def json_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", _DASHBOARD_POLICY)
@@ -275,7 +307,7 @@ class Dashboard(_JsonEndpoint):
         return _dashboard_page()
 
 
-class DashboardData(_JsonEndpoint):
+class DashboardData(Endpoint):
     """
     ``GET /dashboard/data``: what the dashboard shows, as JSON: this
     instance's connections and rooms (the busiest with their member
@@ -286,7 +318,7 @@ class DashboardData(_JsonEndpoint):
     operator = True
     query_token = True
 
-    def json_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         f = self.factory
         rooms = f.registry.snapshot()
         busiest = sorted(rooms.items(), key=lambda item: (-len(item[1]), item[0]))
@@ -343,12 +375,8 @@ class OriginCheckedWebSocket(WebSocketResource):
             )
             return _json(request, 503 if busy else 429, {"error": refusal})
         result = super().render(request)
-        pending = getattr(request.channel, "requests", None)  # HTTP/1.1's channel
-        if result == NOT_DONE_YET and pending and request in pending:
-            # Autobahn took the connection over: this request never
-            # finishes, and in the channel's list it would keep the two in
-            # a reference cycle (freed only by the cyclic garbage collector).
-            pending.remove(request)
+        if result == NOT_DONE_YET:  # Autobahn took the connection over
+            twisted_seam.forget_request(request)
         return result
 
 
@@ -376,7 +404,7 @@ class Root(Resource):
         return self._not_found.render(request)
 
 
-class BoundedRequest(Request):
+class BoundedRequest(twisted_seam.HookedRequest):
     """
     A request whose body is dropped past the site's limit, so a huge POST
     costs no memory or disk; the resource then answers 413.
@@ -385,7 +413,7 @@ class BoundedRequest(Request):
     body_too_large = False
     _received = 0
 
-    def handleContentChunk(self, data: bytes) -> None:
+    def body_received(self, data: bytes) -> None:
         if self.body_too_large:
             return
         self._received += len(data)
@@ -395,10 +423,10 @@ class BoundedRequest(Request):
             self.content.seek(0)
             self.content.truncate()
             return
-        super().handleContentChunk(data)
+        super().body_received(data)
 
 
-class DeadlineChannel(HTTPChannel):
+class DeadlineChannel(twisted_seam.HookedHTTPChannel):
     """
     An HTTP/1.1 channel whose client has the site's timeout
     (HANDSHAKE_TIMEOUT) to send each request whole, counted from when the
@@ -408,7 +436,7 @@ class DeadlineChannel(HTTPChannel):
     ever, before any connection limit counts it.
     """
 
-    _deadline: Any = None
+    _deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -416,16 +444,14 @@ class DeadlineChannel(HTTPChannel):
         self._time_allowed = self.timeOut
         self._arm()
 
-    def allContentReceived(self) -> None:
+    def request_received(self) -> None:
         self._disarm()  # in time; the request is handled (or upgraded) now
-        super().allContentReceived()
 
-    def requestDone(self, request: Request) -> None:
+    def response_done(self) -> None:
         # The next request's time starts now, before Twisted reads on: it
-        # may have been sent already (pipelined), whole (allContentReceived
+        # may have been sent already (pipelined), whole (request_received
         # then disarms at once) or in part.
         self._arm()
-        super().requestDone(request)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._disarm()
@@ -436,10 +462,8 @@ class DeadlineChannel(HTTPChannel):
             self._deadline = self.callLater(self._time_allowed, self._expired)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+        cancel_if_active(self._deadline)
+        self._deadline = None
 
     def _expired(self) -> None:
         self._deadline = None
@@ -455,7 +479,11 @@ class QuietSite(Site):
     protocol = DeadlineChannel  # type: ignore[assignment]
 
     def __init__(
-        self, resource: Resource, max_body_bytes: int, timeout: float, reactor: Any = None
+        self,
+        resource: Resource,
+        max_body_bytes: int,
+        timeout: float,
+        reactor: IReactorTime | None = None,
     ) -> None:
         # Twisted's idle timeout (the same time) also applies; it is
         # suspended while a request is handled, so upgraded WebSockets are

@@ -20,11 +20,21 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProcessTransport,
+    IReactorCore,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from happyrobot import logs
+from happyrobot.timers import cancel_if_active
 
 log = logs.get_logger(__name__)
 
@@ -33,6 +43,14 @@ WORKER_ENV = "HAPPYROBOT_WORKER"
 RESTART_DELAY_SECONDS = 1.0
 PARENT_CHECK_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 15.0
+
+
+class IWorkerReactor(IReactorCore, IReactorTime, IReactorProcess, IReactorSocket):
+    """
+    What the workers' services use of their reactor (the reactors twistd
+    runs provide all of it): an intersection of Twisted's interfaces, as
+    trial's C{IDistTrialReactor} is.
+    """
 
 
 def tcp_address(description: str) -> tuple[str, int]:
@@ -57,11 +75,13 @@ def tcp_address(description: str) -> tuple[str, int]:
 class ReusePortService(Service):
     """Listens on a TCP port shared with the other workers (SO_REUSEPORT)."""
 
-    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+    def __init__(
+        self, reactor: IReactorSocket, description: str, factory: ServerFactory[Any]
+    ) -> None:
         self._reactor = reactor
         self._address = tcp_address(description)
         self._factory = factory
-        self._port: Any = None
+        self._port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         interface, port = self._address
@@ -99,17 +119,17 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
-        self.pool._ended(self, reason)
+        self.pool.child_ended(self, reason)
 
 
 class WorkerPool(Service):
     """Starts, restarts and stops the child workers 1..N-1."""
 
-    def __init__(self, reactor: Any, count: int, argv: list[str]) -> None:
+    def __init__(self, reactor: IWorkerReactor, count: int, argv: list[str]) -> None:
         self._reactor = reactor
         self._count = count
         self._argv = argv
-        self._children: dict[int, tuple[_Child, Any]] = {}
+        self._children: dict[int, tuple[_Child, IProcessTransport]] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -125,7 +145,8 @@ class WorkerPool(Service):
         self._children[index] = (child, transport)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
-    def _ended(self, child: _Child, reason: Failure) -> None:
+    def child_ended(self, child: _Child, reason: Failure) -> None:
+        """Child worker C{child} has ended: restart it unless the pool is stopping."""
         self._children.pop(child.index, None)
         if self.running:
             log.error("worker {index} ended ({why}); restarting", index=child.index,
@@ -150,7 +171,7 @@ class WorkerPool(Service):
         return DeferredList(waits) if waits else None
 
 
-def _kill(transport: Any) -> None:
+def _kill(transport: IProcessTransport) -> None:
     try:
         transport.signalProcess(signal.SIGKILL)
     except Exception:
@@ -164,7 +185,7 @@ class ParentWatch(Service):
     orphan keeps serving the port.  Checked once a second.
     """
 
-    def __init__(self, reactor: Any, parent_pid: int | None = None,
+    def __init__(self, reactor: IWorkerReactor, parent_pid: int | None = None,
                  interval: float = PARENT_CHECK_SECONDS) -> None:
         self._reactor = reactor
         self._parent = os.getppid() if parent_pid is None else parent_pid
@@ -190,9 +211,8 @@ class ParentWatch(Service):
             self._reactor.stop()
 
 
-def _cancel_timer(result: object, timer: Any) -> object:
-    if timer.active():
-        timer.cancel()
+def _cancel_timer(result: object, timer: IDelayedCall) -> object:
+    cancel_if_active(timer)
     return result
 
 

@@ -171,6 +171,41 @@ class CorsAndRoutingTests(ServerTestCase):
             self.assertIn("error", body)
             self.assertTrue(headers.getRawHeaders("allow"))
 
+    async def test_wrong_method_405_exact(self) -> None:
+        """The 405 names the method in JSON and lists the endpoint's methods, then OPTIONS."""
+        self.start_server()
+        for method, path, allow in (
+            ("POST", "/health", "GET, OPTIONS"),
+            ("PUT", "/dashboard/data", "GET, OPTIONS"),
+            ("GET", "/broadcast", "POST, OPTIONS"),
+            ("DELETE", "/stats", "GET, OPTIONS"),
+        ):
+            code, body, headers = await self.http(method, path)
+            self.assertEqual((code, body), (405, {"error": f"Method {method} not allowed"}), path)
+            self.assertEqual(headers.getRawHeaders("allow"), [allow], path)
+            self.assertEqual(headers.getRawHeaders("content-type"),
+                             ["application/json; charset=utf-8"], path)
+
+    async def test_head_without_get_405(self) -> None:
+        """HEAD where there is no GET (POST /broadcast only) is a 405 too, without a body."""
+        self.start_server()
+        code, body, headers = await self.http("HEAD", "/broadcast")
+        self.assertEqual((code, body), (405, None))
+        self.assertEqual(headers.getRawHeaders("allow"), ["POST, OPTIONS"])
+
+    async def test_token_checked_before_method(self) -> None:
+        """With API_TOKEN, operator endpoints answer 401 before 405; a preflight needs no token."""
+        self.start_server(api_token="secret")
+        code, body, _ = await self.http("DELETE", "/stats")
+        self.assertEqual((code, body), (401, {"error": "Missing or invalid API token"}))
+        code, _, headers = await self.http("OPTIONS", "/stats")
+        self.assertEqual(code, 204)
+        self.assertEqual(headers.getRawHeaders("access-control-allow-methods"),
+                         ["GET,HEAD,PUT,PATCH,POST,DELETE"])
+        code, body, _ = await self.http("DELETE", "/stats",
+                                        headers={"authorization": "Bearer secret"})
+        self.assertEqual((code, body), (405, {"error": "Method DELETE not allowed"}))
+
     async def test_head_health(self) -> None:
         """HEAD /health answers like GET, without a body."""
         self.start_server()
