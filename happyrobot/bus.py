@@ -46,6 +46,9 @@ class Replay:
 class Bus(Protocol):
     """What the WebSocket and HTTP adapters publish through."""
 
+    #: Which engine this is (``local`` or ``redis``), for /metrics.
+    engine: str
+
     @property
     def healthy(self) -> bool:
         """Whether events currently reach every instance."""
@@ -104,6 +107,7 @@ class LocalBus(Service):
     """
 
     healthy = True
+    engine = "local"
 
     def __init__(
         self,

@@ -64,6 +64,9 @@ _MESSAGE_KINDS: dict[type, str] = {
 
 
 class _Healthy(Protocol):
+    #: The bus's engine (``local``, ``redis``), the label of its gauge.
+    engine: str
+
     @property
     def healthy(self) -> bool:
         """Whether the bus reaches every instance."""
@@ -210,7 +213,7 @@ class _LiveCollector:
         return self._families(len(self._connections), len(self._rooms), healthy)
 
     def _families(self, connections: int, rooms: int, healthy: bool) -> list[Metric]:
-        bus = "local" if self._bus is None or type(self._bus).__name__ == "LocalBus" else "redis"
+        bus = "local" if self._bus is None else self._bus.engine
         up = GaugeMetricFamily(
             "happyrobot_bus_healthy",
             "1 while events reach every instance (with REDIS_URL: the Redis link is up)",

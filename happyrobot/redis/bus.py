@@ -79,6 +79,8 @@ class RedisBus(Service):
         been handled, so what it delivered is written at once, not next turn.
     """
 
+    engine = "redis"
+
     def __init__(
         self,
         registry: RoomRegistry,
