@@ -3,9 +3,10 @@
 // Node.js and the `ws` package, shaped like the original Node server this project
 // replaces. Like that server it serialises a relayed message once per recipient
 // and sends the whole presence list to the room after every join and leave (no
-// coalescing, no history, no rate limit, no origin check, no logging).
+// coalescing, no history, no rate limit, no origin check, no logging); it pings
+// every connection every 30 s, as the original did.
 //
-//   cd bench && npm install && cd .. && PORT=3001 node bench/peers/node_server.mjs
+//   (cd bench && npm ci) && PORT=3001 node bench/peers/node_server.mjs
 //
 // WebSocket /ws: CONNECTION_ESTABLISHED, SET_USER, JOIN_PROJECT, LEAVE_PROJECT,
 // USER_PRESENCE and the seven relayed event types; ERROR for what it cannot act on.
@@ -177,7 +178,10 @@ wss.on('connection', (socket) => {
     }
     handle(conn, msg);
   });
+  // Like the original server: a WebSocket ping every 30 s.
+  const pinger = setInterval(() => socket.ping(), 30000);
   socket.on('close', () => {
+    clearInterval(pinger);
     connections.delete(conn);
     for (const room of [...conn.rooms.keys()]) leave(conn, room);
   });
