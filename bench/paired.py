@@ -2,18 +2,24 @@
 """Paired CPU comparison: two servers on ONE core at the same time.
 
 bench/run.py runs the servers one after another, so a change of a few per cent
-drowns in a shared machine's drift (the same server's CPU per handshake moved
-from 340 to 545 us between runs minutes apart).  For a change to our own code,
-this runs two servers at once, pinned to the same core, each with its own load
-generator (both on another core), so that whatever else the machine does hits
-both alike.  Each round reports the server CPU per unit of work (handshake,
-delivery, open+join) of both, read from /proc, and their ratio; the summary is
-the median ratio.  A server against itself (an A/A run) shows the method's own
-spread: about +-3 % on a 2-core machine.
+drowns in a shared machine's drift (a server's CPU per handshake can move by a
+third between runs minutes apart).  This runs two servers at once, pinned to
+the same core, each with its own load generator (both on another core), so
+that whatever else the machine does hits both alike.  Each round reports the
+server CPU per unit of work (handshake, delivery, open+join) of both, read from
+/proc, and their ratio; the summary is the median ratio.  A server against
+itself (an A/A run) shows the method's own spread: about +-3 % on a 2-core
+machine.
 
+To compare the checkout with an earlier commit, check that commit out into a
+folder under bench/ (bench/old is ignored by git) and run both from the
+repository root with the same virtualenv:
+
+    git worktree add bench/old <commit>
     python3 bench/paired.py --rounds 8 --scenario handshakes \\
         --server new='env PYTHONPATH=. .venv/bin/twistd -n --pidfile= happyrobot-ws --env-file=' \\
-        --server old='env PYTHONPATH=/tmp/old .venv/bin/twistd -n --pidfile= happyrobot-ws --env-file='
+        --server old='env PYTHONPATH=bench/old .venv/bin/twistd -n --pidfile= happyrobot-ws --env-file='
+    git worktree remove bench/old
 
 The absolute figures are higher than bench/run.py's (two servers share a core
 and its caches); only the ratio is the result.  Throughput is not compared:

@@ -11,8 +11,11 @@ scenario and a latency CDF) and prints a Markdown table.
 
     python3 bench/run.py --rounds 3 \\
         --server ours='env PYTHONPATH=. .venv/bin/twistd -n --pidfile= happyrobot-ws --env-file=' \\
-        --server node='node ../shared/bench/peers/node-ws-server.mjs' --baseline node \\
+        --server node='node bench/peers/node_server.mjs' --baseline node \\
         --scenario fanout-1x200 --scenario latency-1x200
+
+(`bash scripts/serve`, run once, makes .venv; bench/peers/node_server.mjs is
+the Node.js reference peer.)  Commands run from the repository root.
 
 A server is a shell command; PORT (and {port} in the command) is its port.  Every
 server gets RATE_LIMIT_PER_SECOND=0 and MAX_CONNECTIONS_PER_IP=0 in its
@@ -45,7 +48,8 @@ REPO = os.path.dirname(BENCH)
 LOADGEN = os.path.join(BENCH, "loadgen.mjs")
 RESULTS = os.path.join(BENCH, "results")
 
-# name -> (loadgen arguments, the same load in ../shared/bench/loadgen.mjs's terms or None)
+# name -> (loadgen arguments, the same load in the terms of the other load generator that
+# --cross-check runs (a cross-check kit's loadgen.mjs: --projects, --subs per project), or None)
 PRESETS = {
     "fanout-1x200": (
         "fanout --rooms 1 --subs 200 --pubs 1 --mode closed --inflight 32 --duration 10 --warmup 3",
@@ -658,7 +662,7 @@ def main():
                          f"default: {' '.join(DEFAULT_SCENARIOS)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cross-check", metavar="LOADGEN",
-                    help="also run this other load generator (../shared/bench/loadgen.mjs) on the presets it "
+                    help="also run another load generator (e.g. a cross-check kit's loadgen.mjs) on the presets it "
                          "supports, alternating with ours, and compare their figures")
     ap.add_argument("--server-cpu", default="0", help="taskset CPU list for the servers (default 0)")
     ap.add_argument("--loadgen-cpu", default="1", help="taskset CPU list for the load generator (default 1)")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """
-A floor for the ``handshakes`` scenario under the design card, not a server
-to run: the least a server built as the card says (a twisted.web resource
-tree, ``/ws`` through Autobahn's ``WebSocketResource``, an Autobahn
-``WebSocketServerProtocol``) does per WebSocket connection of the benchmark.
+A floor for the ``handshakes`` scenario under the project's design
+(docs/design.md), not a server to run: the least a server built that way (a
+twisted.web resource tree, ``/ws`` through Autobahn's ``WebSocketResource``,
+an Autobahn ``WebSocketServerProtocol``) does per WebSocket connection of the
+benchmark.
 Its ``onOpen`` sends CONNECTION_ESTABLISHED and nothing else: no rooms, no
 Origin check, no limits, no log lines.  NVX and the epoll reactor are on, as
 in our server (Autobahn's defaults).  Set PORT (default 3001).
