@@ -16,11 +16,17 @@ setup(
     },
     python_requires=">=3.11",
     install_requires=[
+        # The floors are tested: scripts/test runs the suite at these
+        # versions too (constraints/lowest.txt, kept in step with them).
         "twisted>=24.7,<27",
-        "autobahn[twisted,accelerate]>=24.4,<27",
-        "txaio>=23.1,<27",
-        "txredisapi>=1.4.10,<2",
-        "orjson>=3.9,<4",
+        # 26.7.1 bounds the inflated size of a permessage-deflate message
+        # (GHSA-hxp9-w8x3-p566); it needs txaio 25.12.2.
+        "autobahn[twisted,accelerate]>=26.7.1,<27",
+        "txaio>=25.12.2,<27",
+        # 1.6.0 added the readiness flag the Redis client relies on.
+        "txredisapi>=1.6.0,<2",
+        # Before 3.9.15 deeply nested input crashes orjson (CVE-2024-27454).
+        "orjson>=3.9.15,<4",
         "pyjwt[crypto]>=2.8,<3",
         "treq>=23.11,<27",
         "prometheus_client>=0.20,<1",
