@@ -93,6 +93,7 @@ class ParentWatchTests(SynchronousTestCase):
         import os
 
         reactor = MemoryReactorClock()
+        reactor.hasStopped = False  # Twisted before 26.4 starts it at True
         watch = workers.ParentWatch(reactor, parent_pid=os.getppid())
         watch.startService()
         reactor.advance(5)
