@@ -215,7 +215,7 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
     registry.fan_out = factory.flusher.fan_out
     if isinstance(bus, RedisBus):
         bus.connection_count = lambda: len(factory.connections)
-        bus.on_read_done = lambda: factory.flusher.flush_all()
+        bus.on_read_done = lambda: factory.flusher.write_turn()
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
     factory.http_pool = HTTPConnectionPool(reactor)

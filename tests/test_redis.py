@@ -226,7 +226,7 @@ class MergeTests(SynchronousTestCase):
 
             def __init__(self) -> None:
                 self.frames: list[bytes] = []
-                self.outlet = self
+                self.writer = self
 
             def send(self, frame: bytes) -> None:
                 self.frames.append(frame)
@@ -813,7 +813,7 @@ class Recorder:
         self.initials = "U"
         self.frames: DeferredQueue[dict[str, Any]] = DeferredQueue()
         self.received: list[dict[str, Any]] = []
-        self.outlet = self
+        self.writer = self
 
     def send(self, frame: bytes) -> None:
         msg = json.loads(_unframe(frame))
