@@ -18,7 +18,10 @@ from typing import Any, cast
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,7 +35,12 @@ from happyrobot.framing import SharedDeflate, split_text_frames, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import autobahn as seam
-from happyrobot.session import CLOSE_POLICY_VIOLATION, EchoSession, Session, cancel_if_active
+from happyrobot.session import (
+    CLOSE_POLICY_VIOLATION,
+    EchoSession,
+    Session,
+    cancel_if_active,
+)
 from happyrobot.writer import SocketWriter, TurnFlusher
 
 log = logs.get_logger(__name__)
