@@ -61,13 +61,10 @@ class Session:
         started closing (L{closing}), after which nothing more is answered.
     """
 
-    user_id: str | None = None
-    initials: str = ""
-    _expiry: IDelayedCall | None = None
-    _busy: Deferred[None] | None = None
-    #: Messages that arrived while a join or SET_USER was waiting (made
-    #: when first needed: an empty deque is 0.7 kB per connection).
-    _backlog: deque[tuple[bytes, bool]] | None = None
+    __slots__ = ("client_id", "writer", "clock", "close", "cut_off", "config", "registry",
+                 "bus", "metrics", "cut_off_log", "verifier", "authorizer", "time_event",
+                 "open", "projects", "user_id", "initials", "_user_info", "_identity",
+                 "_expiry", "_busy", "_backlog", "_bucket", "__weakref__")
 
     def __init__(
         self,
@@ -110,8 +107,15 @@ class Session:
         self.time_event = time_event
         self.open = True
         self.projects: set[str] = set()
+        self.user_id: str | None = None
+        self.initials = ""
         self._user_info: dict[str, str] = {}
         self._identity: auth.Identity | None = None
+        self._expiry: IDelayedCall | None = None
+        self._busy: Deferred[None] | None = None
+        #: Messages that arrived while a join or SET_USER was waiting (made
+        #: when first needed: an empty deque is 0.7 kB per connection).
+        self._backlog: deque[tuple[bytes, bool]] | None = None
         if identity is not None:
             self._accept_identity(identity)
         self._bucket = (
@@ -406,6 +410,8 @@ class EchoSession(Session):
     ``/echo``'s session (conformance mode): each message is sent back as
     it came, text as text and binary as binary, after the same rate limit.
     """
+
+    __slots__ = ()
 
     def _handle(self, payload: bytes, is_binary: bool) -> None:
         self.send(binary_frame(payload) if is_binary else text_frame(payload))

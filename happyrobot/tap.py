@@ -206,27 +206,33 @@ def build_factory(config: Config, reactor: Any) -> CollabFactory:
             config.history_max_bytes, config.history_total_bytes,
         )
         bus = LocalBus(registry, histories, reactor)
-    factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
     # Per-server metrics (its own Prometheus registry), fed once per event
-    # by the registry and once per turn by the flusher.
-    factory.metrics = Metrics(reactor, factory.connections, registry, bus)
-    registry.on_deliver = factory.metrics.fanout
+    # by the registry and once per turn by the flusher; they read the open
+    # connections (filled by the factory), rooms and bus when scraped.
+    connections: dict[str, Any] = {}
+    metrics = Metrics(reactor, connections, registry, bus)
+    # Keep-alive connections to the back end and the identity provider,
+    # closed on shutdown.
+    http_pool = HTTPConnectionPool(reactor)
+    authorizer = None
+    if config.project_auth_url:
+        authorizer = auth.ProjectAuthorizer(
+            backend.project_access(config.project_auth_url, config.api_token, http_pool),
+            reactor,
+            ttl_seconds=config.project_auth_cache_seconds,
+            timeout_seconds=config.project_auth_timeout_seconds,
+        )
+    factory = CollabFactory(
+        config, registry, bus, reactor, connections=connections, metrics=metrics,
+        verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,
+        http_pool=http_pool, reactor=reactor,
+    )
+    registry.on_deliver = metrics.fanout
     # Rooms hand their frames straight to the connections' writers.
     registry.fan_out = factory.flusher.fan_out
     if isinstance(bus, RedisBus):
         bus.connection_count = lambda: len(factory.connections)
         bus.on_read_done = lambda: factory.flusher.write_turn()
-    # Keep-alive connections to the back end and the identity provider,
-    # closed on shutdown.
-    factory.http_pool = HTTPConnectionPool(reactor)
-    factory.verifier = _verifier(config, reactor, factory.http_pool)
-    if config.project_auth_url:
-        factory.authorizer = auth.ProjectAuthorizer(
-            backend.project_access(config.project_auth_url, config.api_token, factory.http_pool),
-            reactor,
-            ttl_seconds=config.project_auth_cache_seconds,
-            timeout_seconds=config.project_auth_timeout_seconds,
-        )
     return factory
 
 

@@ -389,28 +389,45 @@ class CollabFactory(WebSocketServerFactory):
     protocol = CollabProtocol  # type: ignore[assignment]
 
     def __init__(
-        self, config: Config, registry: RoomRegistry, bus: Bus, clock: IReactorTime, **kw: Any
+        self,
+        config: Config,
+        registry: RoomRegistry,
+        bus: Bus,
+        clock: IReactorTime,
+        *,
+        connections: dict[str, CollabProtocol] | None = None,
+        metrics: Metrics | None = None,
+        verifier: auth.TokenVerifier | None = None,
+        authorizer: auth.ProjectAuthorizer | None = None,
+        http_pool: Any = None,
+        **kw: Any,
     ) -> None:
+        """
+        @param connections: the open connections by client id, filled here
+            (the metrics given read its size).
+        @param verifier: given when a JWT key is configured.
+        @param authorizer: given when PROJECT_AUTH_URL is set.
+        @param http_pool: the keep-alive connections to the back end and
+            the identity provider, closed on shutdown.
+        @param kw: Autobahn's (C{reactor}).
+        """
         super().__init__(server="happyrobot", **kw)
         seam.check()
         self.config = config
         self.registry = registry
         self.bus = bus
         self.clock = clock
-        self.connections: dict[str, CollabProtocol] = {}
-        #: Replaced by the wiring (tap.build_factory) with one that also
-        #: reads the live connections, rooms and bus when scraped.
-        self.metrics = Metrics(clock)
-        self.flusher = TurnFlusher(clock, self._turn_written)
+        self.connections = {} if connections is None else connections
+        self.metrics = Metrics(clock) if metrics is None else metrics
+        self.flusher = TurnFlusher(clock, self.metrics.turn_flushed)
         #: At most one warning every 10 s about clients cut off for flooding.
         self.cut_off_log = logs.Throttle(10.0, clock)
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )
-        #: Set by the wiring when a JWT key is configured / PROJECT_AUTH_URL is set.
-        self.verifier: auth.TokenVerifier | None = None
-        self.authorizer: auth.ProjectAuthorizer | None = None
-        self.http_pool: Any = None
+        self.verifier = verifier
+        self.authorizer = authorizer
+        self.http_pool = http_pool
         self.started_at = clock.seconds()
         #: Set on shutdown: /health answers 503 and new handshakes are refused.
         self.draining = False
@@ -454,10 +471,6 @@ class CollabFactory(WebSocketServerFactory):
     def echo_endpoint(self) -> Any:
         """What C{WebSocketResource} needs to serve ``/echo`` from this factory."""
         return _EchoProtocols(self)
-
-    def _turn_written(self, frames: int, received: list[float]) -> None:
-        # Through self.metrics as it is when the turn ends: the wiring replaces it.
-        self.metrics.turn_flushed(frames, received)
 
     def abort_all(self) -> None:
         """Drop every connection still open, without a closing handshake."""
