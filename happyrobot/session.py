@@ -11,6 +11,10 @@ server's shared collaborators (registry, bus, configuration, metrics,
 token verifier and project authorizer) in its constructor, and imports
 nothing from Autobahn: L{happyrobot.ws} feeds it each message, and its
 tests feed it directly with a L{twisted.internet.task.Clock}.
+
+L{SessionBase} is the part every endpoint shares (the rate limit, order
+behind a pending request, ERROR replies); L{Session} is ``/ws``'s and
+L{EchoSession} ``/echo``'s (conformance mode).
 """
 
 from __future__ import annotations
@@ -51,20 +55,19 @@ def _unauthorized(failure: Failure) -> None:
     raise messages.ProtocolError("UNAUTHORIZED", str(failure.value))
 
 
-class Session:
+class SessionBase:
     """
-    One connection's state and message handling; the room registry's
-    member for it (C{client_id}, C{user_id}, C{initials}, C{writer},
-    C{send}).
+    What every WebSocket endpoint's session does with what comes in: the
+    rate limit (an ERROR past the burst, cut off for sending on regardless),
+    messages kept in order behind one that waits on a back end, and ERROR
+    replies.  A subclass says what a message means (L{_handle}).
 
     @ivar open: whether frames may still go out: False once the connection
         started closing (L{closing}), after which nothing more is answered.
     """
 
-    __slots__ = ("client_id", "writer", "clock", "close", "cut_off", "config", "registry",
-                 "bus", "metrics", "cut_off_log", "verifier", "authorizer", "time_event",
-                 "open", "projects", "user_id", "initials", "_user_info", "_identity",
-                 "_expiry", "_busy", "_backlog", "_bucket", "__weakref__")
+    __slots__ = ("client_id", "writer", "clock", "close", "cut_off", "metrics", "cut_off_log",
+                 "open", "_busy", "_backlog", "_bucket", "__weakref__")
 
     def __init__(
         self,
@@ -75,57 +78,34 @@ class Session:
         cut_off: Callable[[], None],
         *,
         config: Config,
-        registry: RoomRegistry,
-        bus: Bus,
         metrics: Metrics,
         cut_off_log: logs.Throttle,
-        verifier: auth.TokenVerifier | None = None,
-        authorizer: auth.ProjectAuthorizer | None = None,
-        identity: auth.Identity | None = None,
-        time_event: Callable[[Any, float], Any] = _untimed,
     ) -> None:
         """
         @param writer: where this connection's frames go.
         @param close: starts closing the connection with a close code and reason.
         @param cut_off: closes it with 1008 and stops reading from it at once.
-        @param identity: one verified before the session began (a URL token).
-        @param time_event: a callback (result, received_at) for each event
-            appended, which passes the result on (the event latency metric).
+        @param cut_off_log: throttles the warnings about clients cut off.
         """
         self.client_id = client_id
         self.writer = writer
         self.clock = clock
         self.close = close
         self.cut_off = cut_off
-        self.config = config
-        self.registry = registry
-        self.bus = bus
         self.metrics = metrics
         self.cut_off_log = cut_off_log
-        self.verifier = verifier
-        self.authorizer = authorizer
-        self.time_event = time_event
         self.open = True
-        self.projects: set[str] = set()
-        self.user_id: str | None = None
-        self.initials = ""
-        self._user_info: dict[str, str] = {}
-        self._identity: auth.Identity | None = None
-        self._expiry: IDelayedCall | None = None
+        #: The request the messages that come in now wait for, if any.
         self._busy: Deferred[None] | None = None
         #: Messages that arrived while a join or SET_USER was waiting (made
         #: when first needed: an empty deque is 0.7 kB per connection).
         self._backlog: deque[tuple[bytes, bool]] | None = None
-        if identity is not None:
-            self._accept_identity(identity)
         self._bucket = (
             security.TokenBucket(
                 config.rate_limit_per_second, config.rate_limit_burst, clock.seconds())
             if config.rate_limit_per_second
             else None
         )
-
-    # ------------------------------------------------------------ the connection
 
     def send(self, frame: bytes) -> None:
         """Queue an already framed message for this connection."""
@@ -136,13 +116,8 @@ class Session:
         self.open = False
 
     def end(self) -> None:
-        """The connection is gone: leave every room, stop the expiry timer."""
+        """The connection is gone."""
         self.open = False
-        cancel_if_active(self._expiry)
-        self._expiry = None
-        for project_id in list(self.projects):
-            self.registry.leave(project_id, self)
-        self.projects.clear()
 
     def received(self, payload: bytes, is_binary: bool) -> None:
         """One whole message from the client."""
@@ -190,7 +165,95 @@ class Session:
                      "({n} such clients since the last such line)", client_id=self.client_id, n=n)
         self.cut_off()
 
-    # ------------------------------------------------------------ dispatch
+    def _handle(self, payload: bytes, is_binary: bool) -> None:
+        """Handle one message, in order and within the rate limit."""
+        raise NotImplementedError
+
+    def _failed(self, failure: Failure, operation_id: str | None = None) -> None:
+        """An errback: a message's failure becomes an ERROR reply."""
+        if failure.check(messages.ProtocolError):
+            err = failure.value
+            if err.operation_id is None:
+                err.operation_id = operation_id  # every ERROR echoes the message's operationId
+        else:
+            log.failure("{client_id}: error handling a message", failure,
+                        client_id=self.client_id)
+            err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error", operation_id)
+        self._error(err)
+
+    def _error(self, err: messages.ProtocolError) -> None:
+        """Answer with an ERROR frame (the one place they are built)."""
+        self.metrics.error(err.code)
+        self.send(text_frame(messages.error(err, self._now_ms())))
+
+    def _resume(self, _: object) -> None:
+        self._busy = None
+        while self._backlog and self._busy is None:
+            self._handle(*self._backlog.popleft())
+
+    def _now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+
+class Session(SessionBase):
+    """
+    A ``/ws`` connection's session: identity (SET_USER, a verified token
+    and its expiry), rooms (join, leave, resume with a replay) and relayed
+    events.  It is the room registry's member for its connection
+    (C{client_id}, C{user_id}, C{initials}, C{writer}, C{send}).
+    """
+
+    __slots__ = ("config", "registry", "bus", "verifier", "authorizer", "time_event",
+                 "projects", "user_id", "initials", "_user_info", "_identity", "_expiry")
+
+    def __init__(
+        self,
+        client_id: str,
+        writer: Writer,
+        clock: IReactorTime,
+        close: Callable[[int, str], None],
+        cut_off: Callable[[], None],
+        *,
+        config: Config,
+        metrics: Metrics,
+        cut_off_log: logs.Throttle,
+        registry: RoomRegistry,
+        bus: Bus,
+        verifier: auth.TokenVerifier | None = None,
+        authorizer: auth.ProjectAuthorizer | None = None,
+        identity: auth.Identity | None = None,
+        time_event: Callable[[Any, float], Any] = _untimed,
+    ) -> None:
+        """
+        @param identity: one verified before the session began (a URL token).
+        @param time_event: a callback (result, received_at) for each event
+            appended, which passes the result on (the event latency metric).
+        """
+        super().__init__(client_id, writer, clock, close, cut_off,
+                         config=config, metrics=metrics, cut_off_log=cut_off_log)
+        self.config = config
+        self.registry = registry
+        self.bus = bus
+        self.verifier = verifier
+        self.authorizer = authorizer
+        self.time_event = time_event
+        self.projects: set[str] = set()
+        self.user_id: str | None = None
+        self.initials = ""
+        self._user_info: dict[str, str] = {}
+        self._identity: auth.Identity | None = None
+        self._expiry: IDelayedCall | None = None
+        if identity is not None:
+            self._accept_identity(identity)
+
+    def end(self) -> None:
+        """The connection is gone: leave every room, stop the expiry timer."""
+        self.open = False
+        cancel_if_active(self._expiry)
+        self._expiry = None
+        for project_id in list(self.projects):
+            self.registry.leave(project_id, self)
+        self.projects.clear()
 
     def _handle(self, payload: bytes, is_binary: bool) -> None:
         msg = None
@@ -221,31 +284,6 @@ class Session:
                 waiting.addBoth(self._resume)
         except Exception:
             self._failed(Failure(), getattr(msg, "operation_id", None))
-
-    def _failed(self, failure: Failure, operation_id: str | None = None) -> None:
-        """An errback: a message's failure becomes an ERROR reply."""
-        if failure.check(messages.ProtocolError):
-            err = failure.value
-            if err.operation_id is None:
-                err.operation_id = operation_id  # every ERROR echoes the message's operationId
-        else:
-            log.failure("{client_id}: error handling a message", failure,
-                        client_id=self.client_id)
-            err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error", operation_id)
-        self._error(err)
-
-    def _error(self, err: messages.ProtocolError) -> None:
-        """Answer with an ERROR frame (the one place they are built)."""
-        self.metrics.error(err.code)
-        self.send(text_frame(messages.error(err, self._now_ms())))
-
-    def _resume(self, _: object) -> None:
-        self._busy = None
-        while self._backlog and self._busy is None:
-            self._handle(*self._backlog.popleft())
-
-    def _now_ms(self) -> int:
-        return int(self.clock.seconds() * 1000)
 
     # ------------------------------------------------------------ identity
 
