@@ -32,18 +32,13 @@ from happyrobot.config import Config
 from happyrobot.framing import binary_frame, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry, Writer
+from happyrobot.timers import cancel_if_active
 
 log = logs.get_logger(__name__)
 
 CLOSE_POLICY_VIOLATION = 1008
 #: Frames a client may send while one of its requests waits on the back end.
 MAX_BACKLOG = 64
-
-
-def cancel_if_active(call: IDelayedCall | None) -> None:
-    """Cancel a scheduled call unless it is None, has run or was cancelled."""
-    if call is not None and call.active():
-        call.cancel()
 
 
 def _untimed(result: Any, received_at: float) -> Any:

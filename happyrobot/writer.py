@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from happyrobot.timers import cancel_if_active
+
 
 class Queued(Protocol):
     """A connection's writer as the flusher sees it."""
@@ -116,8 +118,7 @@ class TurnFlusher:
         (so the frames that read produced leave at once, still together).
         """
         call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_if_active(call)
         if not self._dirty and not self._received and not self.written:
             return
         dirty, self._dirty = self._dirty, []

@@ -35,12 +35,8 @@ from happyrobot.framing import SharedDeflate, split_text_frames, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import autobahn as seam
-from happyrobot.session import (
-    CLOSE_POLICY_VIOLATION,
-    EchoSession,
-    Session,
-    cancel_if_active,
-)
+from happyrobot.session import CLOSE_POLICY_VIOLATION, EchoSession, Session
+from happyrobot.timers import cancel_if_active
 from happyrobot.writer import SocketWriter, TurnFlusher
 
 log = logs.get_logger(__name__)

@@ -22,7 +22,7 @@ from happyrobot.framing import binary_frame, text_frame
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
-from happyrobot.session import MAX_BACKLOG, EchoSession, Session, cancel_if_active
+from happyrobot.session import MAX_BACKLOG, EchoSession, Session
 
 
 def _payload(frame: bytes) -> bytes:
@@ -440,23 +440,6 @@ class EchoSessionTests(_SessionTestCase):
         session.received(b"three", False)
         self.assertEqual(writer.frames[:2], [text_frame(b"one"), binary_frame(b"\xff")])
         self.assertEqual(json.loads(_payload(writer.frames[2]))["code"], "RATE_LIMITED")
-
-
-class CancelIfActiveTests(SynchronousTestCase):
-    def test_cancel_if_active(self) -> None:
-        """Cancels a pending call; a None, run or cancelled one is left alone."""
-        clock = Clock()
-        ran: list[int] = []
-        pending = clock.callLater(1, ran.append, 1)
-        done = clock.callLater(0, ran.append, 0)
-        clock.advance(0)
-        cancel_if_active(pending)
-        cancel_if_active(pending)
-        cancel_if_active(done)
-        cancel_if_active(None)
-        clock.advance(2)
-        self.assertEqual(ran, [0])
-        self.assertFalse(pending.active())
 
 
 class MetricsTests(_SessionTestCase):
