@@ -17,6 +17,10 @@ What they are for:
   - the write path shares each compressed frame between connections with
     the same window (C{_perMessageCompress}), and replaces the per
     connection queue it never uses (C{send_queue});
+  - overrides in L{happyrobot.ws} of methods that are not in Autobahn's
+    interfaces: C{sendData} (every write through our writer),
+    C{sendHttpErrorResponse} (JSON bodies), C{dropConnection} and
+    C{sendCloseFrame} (no more frames once closing);
   - closing: the protocol close codes Autobahn's C{sendClose} refuses
     (C{sendCloseFrame}), a bounded failure reason in Autobahn's log line
     (C{wasNotCleanReason}), a cut-off client's close counted as clean
@@ -41,10 +45,12 @@ from twisted.python.failure import Failure
 STATE_OPEN: int = getattr(WebSocketServerProtocol, "STATE_OPEN", 3)
 OPCODE_CLOSE = 8
 
-#: Used on the protocol class.
+#: Used on the protocol class, or overridden by L{happyrobot.ws} (an
+#: override of a method Autobahn no longer has would silently never run).
 CLASS_ATTRIBUTES = (
     "STATE_OPEN", "CONFIG_ATTRS", "_dataReceived", "_cancelAutoPingTimeoutCall",
-    "_invalid_payload", "sendCloseFrame",
+    "_invalid_payload", "sendCloseFrame", "sendData", "sendHttpErrorResponse",
+    "dropConnection",
 )
 #: Set on each connection by Autobahn (by the time its handshake is done).
 INSTANCE_ATTRIBUTES = (
