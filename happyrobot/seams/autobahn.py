@@ -38,6 +38,7 @@ import autobahn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -96,7 +97,7 @@ _HANDSHAKE = (
 
 def _open_in_memory(protocol: type) -> Any:
     """A connection of C{protocol} through its opening handshake."""
-    factory = WebSocketServerFactory()
+    factory = WebSocketServerFactory(reactor=Clock())  # no timers, no global reactor
     factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0,
                                autoPingInterval=0)
     proto: Any = protocol()
