@@ -176,7 +176,7 @@ class DrainService(MultiService):
                 proto = queue.popleft()
                 still_open = f.connections.get(proto.client_id) is proto
                 if still_open:
-                    proto.sendCloseFrame(CLOSE_GOING_AWAY, b"Server shutting down")
+                    proto.start_close(CLOSE_GOING_AWAY, "Server shutting down")
             timer.pop("call", None)
             if queue and f.connections:
                 due = start + (n - len(queue)) * step

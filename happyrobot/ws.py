@@ -165,7 +165,7 @@ class CollabProtocol(WebSocketServerProtocol):
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.session = self.session_class(
-                self.client_id, writer, f.clock, self._close, self._cut_off,
+                self.client_id, writer, f.clock, self.start_close, self._cut_off,
                 config=f.config, registry=f.registry, bus=f.bus, metrics=f.metrics,
                 cut_off_log=f.cut_off_log, verifier=f.verifier, authorizer=f.authorizer,
                 identity=self._identity, time_event=f.flusher.time_event,
@@ -227,11 +227,11 @@ class CollabProtocol(WebSocketServerProtocol):
             return
         log.warn("{client_id} reads too slowly; closing with 1013", client_id=self.client_id)
         self.factory.metrics.slow_reader()
-        self._close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
+        self.start_close(CLOSE_TRY_AGAIN_LATER, "Too slow a reader")
 
     # ------------------------------------------------------------ closing
 
-    def _close(self, code: int, reason: str) -> None:
+    def start_close(self, code: int, reason: str) -> None:
         """
         Start closing with a protocol close code.  Frames queued this turn
         still go first; nothing after.  Autobahn drops the connection if the
@@ -256,7 +256,7 @@ class CollabProtocol(WebSocketServerProtocol):
         (for up to the close handshake timeout), at every other client's
         expense.
         """
-        self._close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
+        self.start_close(CLOSE_POLICY_VIOLATION, "Rate limit exceeded")
         seam.count_as_clean(self)  # as we chose: no warning of Autobahn's
         self.dropConnection(abort=False)  # the close frame is written first
         # ... if the client reads it: one that does not is cut off.

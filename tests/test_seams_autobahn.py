@@ -8,9 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from happyrobot.config import Config
 from happyrobot.seams import autobahn as seam
+from happyrobot.tap import build_factory
 
 
 class CheckTests(SynchronousTestCase):
@@ -74,3 +77,15 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(bound.CONFIG_ATTRS, ())
         # A function option stays a plain function on instances, not a method.
         self.assertIsNone(bound().perMessageCompressionAccept([]))
+
+
+class FactoryTests(SynchronousTestCase):
+    def test_factory_runs_the_check(self) -> None:
+        """Building the WebSocket factory runs the check: a missing attribute stops it."""
+
+        def missing(*args: object) -> None:
+            raise seam.SeamError("autobahn 0.0 lacks WebSocketServerProtocol.data, ...")
+
+        self.patch(seam, "check", missing)
+        e = self.assertRaises(seam.SeamError, build_factory, Config(), Clock())
+        self.assertIn("autobahn 0.0 lacks", str(e))
