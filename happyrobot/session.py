@@ -224,8 +224,8 @@ class Session(SessionBase):
         @param time_event: a callback (result, received_at) for each event
             appended, which passes the result on (the event latency metric).
         """
-        super().__init__(client_id, writer, clock, close, cut_off,
-                         config=config, metrics=metrics, cut_off_log=cut_off_log)
+        SessionBase.__init__(self, client_id, writer, clock, close, cut_off,
+                             config=config, metrics=metrics, cut_off_log=cut_off_log)
         self.config = config
         self.registry = registry
         self.bus = bus

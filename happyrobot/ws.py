@@ -193,10 +193,11 @@ class CollabProtocol(WebSocketServerProtocol):
 
     def _stop_sending(self) -> None:
         """Take no more frames (the close frame has gone, or the connection)."""
-        if self._writer is not None:
-            self._writer.close()
-        if self.session is not None:
-            self.session.closing()
+        writer = self._writer
+        if writer is not None and writer.queue is not None:
+            writer.close()
+            if self.session is not None:
+                self.session.closing()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's own frames (pings, pongs, close) take the same writer,
