@@ -3,11 +3,12 @@ Project rooms: who is in which room, relaying events to the other members,
 and presence.
 
 No sockets and no reactor import: a member is anything with a C{client_id},
-a C{user_id}, C{initials}, a C{send(frame)} method and an C{outlet} (its
+a C{user_id}, C{initials}, a C{send(frame)} method and a C{writer} (its
 outgoing side, with C{send(frame)} too), and time comes from an injected
 clock (the reactor in production, L{twisted.internet.task.Clock} in tests).
-How a room's frames reach the outlets is L{RoomRegistry.fan_out}: a plain
-loop here, the connections' writer (L{happyrobot.writer}) in the server.
+How a room's frames reach the writers is L{RoomRegistry.fan_out}: a plain
+loop here, L{happyrobot.writer.TurnFlusher.fan_out} over the connections'
+L{happyrobot.writer.SocketWriter}s in the server.
 """
 
 from __future__ import annotations
@@ -31,23 +32,23 @@ class Member(Protocol):
         """Queue an already framed message for this connection."""
 
     @property
-    def outlet(self) -> Outlet:
+    def writer(self) -> Writer:
         """Where the room's frames for this member go (the same for its whole life)."""
 
 
-class Outlet(Protocol):
-    """A member's outgoing side."""
+class Writer(Protocol):
+    """A member's outgoing side (in the server, a L{happyrobot.writer.SocketWriter})."""
 
     def send(self, frame: bytes) -> None:
         """Queue an already framed message."""
 
 
-def fan_out(outlets: Mapping[str, Outlet], frame: bytes, exclude: str | None) -> int:
-    """Hand C{frame} to every outlet but C{exclude}'s; how many that was."""
+def fan_out(writers: Mapping[str, Writer], frame: bytes, exclude: str | None) -> int:
+    """Hand C{frame} to every writer but C{exclude}'s; how many that was."""
     sent = 0
-    for client_id, outlet in outlets.items():
+    for client_id, writer in writers.items():
         if client_id != exclude:
-            outlet.send(frame)
+            writer.send(frame)
             sent += 1
     return sent
 
@@ -80,14 +81,14 @@ class PresencePublisher(Protocol):
 class Room:
     """The members of one project, in join order, with their join times."""
 
-    __slots__ = ("project_id", "members", "outlets", "joined_at_ms", "presence_timer",
+    __slots__ = ("project_id", "members", "writers", "joined_at_ms", "presence_timer",
                  "presence_dirty", "held")
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
         self.members: dict[str, Member] = {}
-        #: The members' outlets, by the same keys in the same order.
-        self.outlets: dict[str, Outlet] = {}
+        #: The members' writers, by the same keys in the same order.
+        self.writers: dict[str, Writer] = {}
         self.joined_at_ms: dict[str, int] = {}
         self.presence_timer: IDelayedCall | None = None
         self.presence_dirty = False
@@ -136,7 +137,7 @@ class RoomRegistry:
         self.presence_publisher: PresencePublisher | None = None
         #: Told each event's number of recipients, once per event (the metrics).
         self.on_deliver: Callable[[int], None] | None = None
-        #: Hands a frame to a room's outlets (the server's writer does it faster).
+        #: Hands a frame to a room's writers (the server's flusher does it faster).
         self.fan_out: Callable[[Mapping[str, Any], bytes, str | None], int] = fan_out
 
     # ------------------------------------------------------------ queries
@@ -182,7 +183,7 @@ class RoomRegistry:
         new = member.client_id not in room.members
         if new:
             room.members[member.client_id] = member
-            room.outlets[member.client_id] = member.outlet
+            room.writers[member.client_id] = member.writer
             room.joined_at_ms[member.client_id] = self._now_ms()
         if hold:
             room.held.setdefault(member.client_id, [])
@@ -201,7 +202,7 @@ class RoomRegistry:
         room = self._rooms.get(project_id)
         if room is None or room.members.pop(member.client_id, None) is None:
             return False
-        del room.outlets[member.client_id]
+        del room.writers[member.client_id]
         del room.joined_at_ms[member.client_id]
         room.held.pop(member.client_id, None)
         if not room.members:
@@ -235,15 +236,15 @@ class RoomRegistry:
             return 0
         held = room.held
         if not held:
-            sent = self.fan_out(room.outlets, frame, exclude)
+            sent = self.fan_out(room.writers, frame, exclude)
         else:
             sent = 0
-            for client_id, outlet in room.outlets.items():
+            for client_id, writer in room.writers.items():
                 if client_id != exclude:
                     if client_id in held:
                         held[client_id].append((seq, frame))
                     else:
-                        outlet.send(frame)
+                        writer.send(frame)
                     sent += 1
         if self.on_deliver is not None:
             self.on_deliver(sent)
@@ -291,4 +292,4 @@ class RoomRegistry:
         if room is None:
             return
         frame = self._encode(messages.presence(project_id, active_users, self._now_ms()))
-        self.fan_out(room.outlets, frame, None)
+        self.fan_out(room.writers, frame, None)

@@ -186,7 +186,7 @@ class DrainService(MultiService):
                 proto = queue.popleft()
                 still_open = f.connections.get(proto.client_id) is proto
                 if still_open:
-                    proto.sendCloseFrame(CLOSE_GOING_AWAY, b"Server shutting down")
+                    proto.start_close(CLOSE_GOING_AWAY, "Server shutting down")
             timer.pop("call", None)
             if queue and f.connections:
                 due = start + (n - len(queue)) * step
@@ -216,7 +216,7 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
             registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
             history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
             connection_count=connection_count,
-            on_read_done=lambda: factory.flusher.flush_all(),
+            on_read_done=lambda: factory.flusher.write_turn(),
         )
     else:
         histories = Histories(
@@ -224,24 +224,30 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
             config.history_max_bytes, config.history_total_bytes,
         )
         bus = LocalBus(registry, histories, reactor, connection_count)
-    factory = CollabFactory(config, registry, bus, clock=reactor, reactor=reactor)
     # Per-server metrics (its own Prometheus registry), fed once per event
-    # by the registry and once per turn by the flusher.
-    factory.metrics = Metrics(reactor, factory.connections, registry, bus)
-    registry.on_deliver = factory.metrics.fanout
-    # Rooms hand their frames straight to the connections' writers.
-    registry.fan_out = factory.flusher.fan_out
+    # by the registry and once per turn by the flusher; they read the open
+    # connections (filled by the factory), rooms and bus when scraped.
+    connections: dict[str, Any] = {}
+    metrics = Metrics(reactor, connections, registry, bus)
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
-    factory.http_pool = HTTPConnectionPool(reactor)
-    factory.verifier = _verifier(config, reactor, factory.http_pool)
+    http_pool = HTTPConnectionPool(reactor)
+    authorizer = None
     if config.project_auth_url:
-        factory.authorizer = auth.ProjectAuthorizer(
-            backend.project_access(config.project_auth_url, config.api_token, factory.http_pool),
+        authorizer = auth.ProjectAuthorizer(
+            backend.project_access(config.project_auth_url, config.api_token, http_pool),
             reactor,
             ttl_seconds=config.project_auth_cache_seconds,
             timeout_seconds=config.project_auth_timeout_seconds,
         )
+    factory = CollabFactory(
+        config, registry, bus, reactor, connections=connections, metrics=metrics,
+        verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,
+        http_pool=http_pool, reactor=reactor,
+    )
+    registry.on_deliver = metrics.fanout
+    # Rooms hand their frames straight to the connections' writers.
+    registry.fan_out = factory.flusher.fan_out
     return factory
 
 

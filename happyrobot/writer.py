@@ -27,15 +27,19 @@ from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from happyrobot.timers import cancel_if_active
 
-class Flushable(Protocol):
-    def flush(self) -> int:
+
+class Queued(Protocol):
+    """A connection's writer as the flusher sees it."""
+
+    def write_queue(self) -> int:
         """Write everything queued; how many frames that was."""
 
 
 class TurnFlusher:
     """
-    Calls C{flush()} on every connection that queued frames, once per turn,
+    Calls C{write_queue()} on every writer that queued frames, once per turn,
     and then tells C{on_turn} (the metrics) how many frames the turn wrote
     and when the events it wrote were received: one call per turn, however
     many recipients.
@@ -44,23 +48,23 @@ class TurnFlusher:
     #: True while a read that holds one lone event is handled: connections
     #: then write at once (and count it in C{written}) instead of queueing.
     direct = False
-    #: Frames written at once this turn, counted into the next flush's total.
+    #: Frames written at once this turn, counted into the next write_turn's total.
     written = 0
 
     def __init__(
         self, clock: IReactorTime, on_turn: Callable[[int, list[float]], None] | None = None
     ) -> None:
         self._clock = clock
-        self._dirty: list[Flushable] = []
+        self._dirty: list[Queued] = []
         self._received: list[float] = []
         self._call: IDelayedCall | None = None
         self.on_turn = on_turn
 
-    def mark(self, conn: Flushable) -> None:
-        """C{conn} has frames queued; flush it at the end of this turn."""
+    def mark(self, conn: Queued) -> None:
+        """C{conn} has frames queued; write them at the end of this turn."""
         self._dirty.append(conn)
         if self._call is None:
-            self._call = self._clock.callLater(0, self.flush_all)
+            self._call = self._clock.callLater(0, self.write_turn)
 
     def fan_out(
         self, writers: Mapping[str, SocketWriter], frame: bytes, exclude: str | None
@@ -96,10 +100,10 @@ class TurnFlusher:
     def time_event(self, result: Any, received_at: float) -> Any:
         """
         A callback: the event received at C{received_at} (clock seconds) has
-        been handed to its recipients, so this turn's flush writes it; the
-        end of that flush is the end of its latency.  When this turn writes
+        been handed to its recipients, so this turn's L{write_turn} writes
+        it; the end of that is the end of its latency.  When this turn writes
         nothing (the event had no local recipients, or with Redis they get
-        it in a later turn) there is nothing to time, and no flush is
+        it in a later turn) there is nothing to time, and no write is
         scheduled for it: an extra reactor turn per event would cost more
         than the measurement is worth.  Passes C{result} on.
         """
@@ -107,21 +111,20 @@ class TurnFlusher:
             self._received.append(received_at)
         return result
 
-    def flush_all(self) -> None:
+    def write_turn(self) -> None:
         """
-        Flush every marked connection now.  Called at the end of the turn,
+        Write every marked writer's queue now.  Called at the end of the turn,
         or earlier by a connection that has just handled an incoming read
         (so the frames that read produced leave at once, still together).
         """
         call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_if_active(call)
         if not self._dirty and not self._received and not self.written:
             return
         dirty, self._dirty = self._dirty, []
         frames, self.written = self.written, 0
         for conn in dirty:
-            frames += conn.flush()
+            frames += conn.write_queue()
         received = self._received
         if received:
             self._received = []
@@ -132,7 +135,7 @@ class TurnFlusher:
 class SocketWriter:
     """
     One connection's outgoing side: the frames queued this turn
-    (C{queue}), written together by L{flush}, and the bytes waiting in
+    (C{queue}), written together by L{write_queue}, and the bytes waiting in
     Twisted's buffer (C{buffered}), bounded: C{on_overflow} is called once
     a reader that stops reading has more than C{max_buffered} bytes waiting.
     """
@@ -176,7 +179,7 @@ class SocketWriter:
     def send(self, frame: bytes) -> None:
         """
         Queue an event frame; this turn's frames are written together by
-        L{flush}.  While the flusher hands over a lone event (C{direct}), it
+        L{write_queue}.  While the flusher hands over a lone event (C{direct}), it
         is written at once instead (after anything queued before it).
         """
         queue = self.queue
@@ -193,7 +196,7 @@ class SocketWriter:
             flusher.mark(self)
         queue.append(frame)
 
-    def flush(self) -> int:
+    def write_queue(self) -> int:
         """Write the frames queued this turn, in one piece; how many were written."""
         queue = self.queue
         if not queue:

@@ -30,7 +30,7 @@ from happyrobot.auth import (
     load_public_key,
 )
 from happyrobot.config import Config
-from happyrobot.ws import MAX_BACKLOG
+from happyrobot.session import MAX_BACKLOG
 from tests.helpers import ServerTestCase
 from tests.test_tap import InMemoryPair
 
@@ -309,6 +309,11 @@ class ExpiryTests(SynchronousTestCase):
     def setup_pair(self) -> InMemoryPair:
         pair = InMemoryPair(self, Config(ping_interval_seconds=0, presence_window_seconds=0))
         pair.factory.verifier = verifier(leeway_seconds=5)
+        # The pair's connection opened before the verifier was set: its
+        # session took the factory's collaborators as they were then.
+        for proto in pair.factory.connections.values():
+            assert proto.session is not None
+            proto.session.verifier = pair.factory.verifier
         pair.clock.advance(1000)
         return pair
 
@@ -322,7 +327,7 @@ class ExpiryTests(SynchronousTestCase):
         pair = self.setup_pair()
         self.set_user(pair, exp=1100)
         proto = next(iter(pair.factory.connections.values()))
-        self.assertEqual(proto.user_id, "user_1")
+        self.assertEqual(proto.session.user_id, "user_1")
         pair.clock.advance(104)
         pair.flush()
         self.assertEqual(len(pair.factory.connections), 1)
@@ -442,7 +447,7 @@ class ProjectAuthorizationTests(ServerTestCase):
         a.sendPing()
         await pong
         server_a = list(self.factory.connections.values())[-1]
-        self.assertEqual(len(server_a._backlog or ()), 2)  # both wait behind the join
+        self.assertEqual(len(server_a.session._backlog or ()), 2)  # both wait behind the join
         self.assertEqual(self.factory.registry.member_count("p1"), 1)
         backend.hold.callback(None)
         self.assertEqual((await b.next_of("TASK_UPDATE"))["operationId"], "e1")

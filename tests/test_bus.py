@@ -18,7 +18,7 @@ class Member:
     def __init__(self, client_id: str) -> None:
         self.client_id, self.user_id, self.initials = client_id, "u-" + client_id, "U"
         self.frames: list[bytes] = []
-        self.outlet = self
+        self.writer = self
 
     def send(self, frame: bytes) -> None:
         self.frames.append(frame)

@@ -18,6 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import __main__ as cli
+from happyrobot.tap import DrainService
 from tests.helpers import REPO_ROOT, ServerTestCase, free_port
 
 
@@ -176,8 +177,9 @@ class TailTests(ServerTestCase):
         self.start_server()
         done, out, err = self.start_tail("p1")
         await out.next_json()
-        self.factory.close_all()
+        drained = DrainService(self.factory, timeout=10).stopService()
         self.assertEqual(await done, 1)
+        await drained
         self.assertIn("closed the connection (1001", err.getvalue())
 
     async def test_unreachable(self) -> None:

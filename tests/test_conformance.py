@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import logs
 from happyrobot.config import Config, load_config
-from happyrobot.tap import Options, makeService
+from happyrobot.tap import DrainService, Options, makeService
 from happyrobot.ws import EchoProtocol
 from tests.helpers import Client, ServerTestCase
 
@@ -89,14 +89,15 @@ class EchoTests(ServerTestCase):
         self.assertIn(b'"RATE_LIMITED"', payload)
 
     async def test_shares_connections_and_shutdown(self) -> None:
-        """/echo connections count with /ws ones, and close_all closes them with 1001."""
+        """/echo connections count with /ws ones, and the shutdown drain closes them with 1001."""
         client, _ = await self._echo_client()
         ws = await self.connect()
         self.assertEqual(len(self.factory.connections), 2)
-        self.factory.close_all()
+        drained = DrainService(self.factory, timeout=10).stopService()
         self.assertEqual(await client.closed, 1001)
         self.assertEqual(await ws.closed, 1001)
-        await self.factory.when_empty()
+        await drained
+        self.assertEqual(self.factory.connections, {})
 
     async def test_disallowed_origin_refused(self) -> None:
         """A browser Origin outside ALLOWED_ORIGINS gets 403 on /echo too, and no connection."""

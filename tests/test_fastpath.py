@@ -2,7 +2,7 @@
 The incoming fast path (L{happyrobot.ws.CollabProtocol._text_frames}) must
 behave exactly as Autobahn's own frame handling does: for any byte stream
 a client may send, cut into reads anywhere, the server hands the same
-messages to C{onMessage} and writes the same frames back (answers, pongs,
+messages to the connection's session and writes the same frames back (answers, pongs,
 close codes) with the fast path on as with it off.
 """
 
@@ -22,6 +22,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.config import Config
+from happyrobot.session import Session
 from happyrobot.tap import build_factory
 from happyrobot.web import make_site
 from tests.test_framing import client_frame
@@ -105,13 +106,13 @@ def _run(test: SynchronousTestCase, chunks: list[bytes], fast: bool) -> tuple[An
                     rate_limit_per_second=0, max_message_bytes=LIMIT)
     factory = build_factory(config, clock)
     handled: list[tuple[bytes, bool]] = []
-    on_message = factory.protocol.onMessage
 
-    def recording(self: Any, payload: bytes, isBinary: bool) -> None:
-        handled.append((payload, isBinary))
-        on_message(self, payload, isBinary)
+    class Recording(Session):
+        def received(self, payload: bytes, is_binary: bool) -> None:
+            handled.append((payload, is_binary))
+            super().received(payload, is_binary)
 
-    factory.protocol.onMessage = recording  # type: ignore[method-assign]
+    factory.protocol.session_class = Recording
     if not fast:
         factory.protocol._text_frames = lambda self, data: data  # type: ignore[method-assign]
     server = make_site(factory).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
@@ -147,7 +148,7 @@ class FastPathEquivalenceTests(SynchronousTestCase):
         self.assertEqual(_run(self, chunks, fast=True), _run(self, chunks, fast=False))
 
     def test_the_fast_path_is_taken(self) -> None:
-        """Whole text frames in one read do reach onMessage without Autobahn's frame machine."""
+        """Whole text frames in one read do reach the session without Autobahn's frame machine."""
         chunks = [_frames("event", b"") + _frames("text", b"hello")]
         handled, frames, _ = _run(self, chunks, fast=True)
         self.assertEqual(len(handled), 2)

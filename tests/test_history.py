@@ -310,7 +310,7 @@ class Recorder:
         self.user_id: str | None = client_id
         self.initials = "XX"
         self.frames: list[bytes] = []
-        self.outlet = self
+        self.writer = self
 
     def send(self, frame: bytes) -> None:
         self.frames.append(frame)

@@ -49,7 +49,7 @@ class _Conn:
         self.frames = frames
         self.flushed = 0
 
-    def flush(self) -> int:
+    def write_queue(self) -> int:
         self.flushed += 1
         return self.frames
 
@@ -63,7 +63,7 @@ class _Member:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.sent: list[bytes] = []
-        self.outlet = self
+        self.writer = self
 
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)

@@ -638,7 +638,7 @@ class Recorder:
         self.initials = "U"
         self.frames: DeferredQueue[dict[str, Any]] = DeferredQueue()
         self.received: list[dict[str, Any]] = []
-        self.outlet = self
+        self.writer = self
 
     def send(self, frame: bytes) -> None:
         msg = json.loads(_unframe(frame))

@@ -101,7 +101,7 @@ class MergeTests(SynchronousTestCase):
 
             def __init__(self) -> None:
                 self.frames: list[bytes] = []
-                self.outlet = self
+                self.writer = self
 
             def send(self, frame: bytes) -> None:
                 self.frames.append(frame)

@@ -34,7 +34,7 @@ class RecordingMember:
         self.frames: list[bytes] = []
 
     @property
-    def outlet(self) -> RecordingMember:
+    def writer(self) -> RecordingMember:
         """Frames for this member come back to its C{send}."""
         return self
 

@@ -278,7 +278,7 @@ class PingFloodTests(ServerTestCase):
         # Small socket buffers, so that pongs pile up in Twisted's buffer soon.
         proto.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         pinger.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        writer = proto.outlet
+        writer = proto.session.writer
         overflowed: Deferred[None] = Deferred()
         overflow = writer._on_overflow
 

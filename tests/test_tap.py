@@ -297,7 +297,7 @@ class _Closing:
         self.closed_at: float | None = None
         self.code: int | None = None
 
-    def sendCloseFrame(self, code: int, reason: bytes) -> None:
+    def start_close(self, code: int, reason: str) -> None:
         self.closed_at = self.factory.clock.seconds()
         self.code = code
         if self.answers:  # the client answers the close within 10 ms

@@ -143,7 +143,7 @@ class TurnFlusherTests(SynchronousTestCase):
             def __init__(self, name: str) -> None:
                 self.name = name
 
-            def flush(self) -> int:
+            def write_queue(self) -> int:
                 flushed.append(self.name)
                 return 1
 
@@ -163,15 +163,15 @@ class TurnFlusherTests(SynchronousTestCase):
         flushed: list[int] = []
 
         class Conn:
-            def flush(self) -> int:
+            def write_queue(self) -> int:
                 flushed.append(1)
                 return 1
 
         flusher.mark(Conn())
-        flusher.flush_all()
+        flusher.write_turn()
         self.assertEqual(flushed, [1])
         self.assertEqual(clock.getDelayedCalls(), [])
-        flusher.flush_all()  # nothing marked: nothing to do
+        flusher.write_turn()  # nothing marked: nothing to do
         self.assertEqual(flushed, [1])
 
     def test_direct_writes_are_counted_and_timed(self) -> None:
@@ -185,11 +185,11 @@ class TurnFlusherTests(SynchronousTestCase):
         flusher = TurnFlusher(clock, lambda frames, received: turns.append((frames, received)))
         flusher.written += 3
         self.assertEqual(flusher.time_event("result", 1.5), "result")
-        flusher.flush_all()
+        flusher.write_turn()
         self.assertEqual(turns, [(3, [1.5])])
         self.assertEqual(flusher.written, 0)
         flusher.time_event(None, 2.0)  # nothing written or queued: not timed
-        flusher.flush_all()
+        flusher.write_turn()
         self.assertEqual(turns, [(3, [1.5])])
 
 
@@ -232,7 +232,7 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(self.received("b"), b"|")
         self.assertEqual(self.received("c"), b"EV|")
         self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing queued for later
-        self.flusher.flush_all()
+        self.flusher.write_turn()
         self.assertEqual(self.turns, [(2, [])])
 
     def test_burst_is_queued_and_written_once(self) -> None:
@@ -260,7 +260,7 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(self.received("queued"), b"|")  # still queued behind Q
         self.assertEqual(self.transports["waiting"].buffer[-1], b"EV")
         self.flusher.direct = False
-        self.flusher.flush_all()
+        self.flusher.write_turn()
         self.assertEqual(self.received("queued"), b"QEV|")
 
     def test_partial_send_leaves_the_rest_in_order(self) -> None:
@@ -289,7 +289,7 @@ class FanOutTests(SynchronousTestCase):
         self.flusher.fan_out({"z": deflated, "tls": tls}, b"EV", exclude=None)
         self.assertEqual(self.received("z"), b"z(EV)|")
         self.assertEqual(self.received("tls"), b"|EV")
-        self.flusher.flush_all()
+        self.flusher.write_turn()
         self.assertEqual(self.turns, [(2, [])])
 
     def test_closed_writer_gets_nothing(self) -> None:
@@ -302,7 +302,7 @@ class FanOutTests(SynchronousTestCase):
         self.flusher.fan_out({"a": w}, b"EV", exclude=None)
         self.clock.advance(0)
         self.assertEqual(self.received("a"), b"|")
-        self.assertEqual(w.flush(), 0)
+        self.assertEqual(w.write_queue(), 0)
 
     def test_send_error_leaves_the_frame_to_twisted(self) -> None:
         """A send() that fails (the peer is gone) hands the frame to the transport, which reports it."""

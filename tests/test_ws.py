@@ -110,7 +110,7 @@ class ConnectionTests(ServerTestCase):
     async def test_closed_connection_is_freed_by_reference_counting(self) -> None:
         """
         A connection that joined a room and closed leaves no reference cycle
-        behind (its protocol with its writer, its HTTP channel and request): reference
+        behind (its protocol with its session and writer, its HTTP channel and request): reference
         counting frees it, with the cyclic garbage collector switched off.
         """
         self.start_server()
@@ -128,7 +128,8 @@ class ConnectionTests(ServerTestCase):
             self.addCleanup(gc.enable)
         c = await self.joined("p1", "user_a")
         server = self.factory.connections[c.client_id]
-        watched = {"protocol": weakref.ref(server), "channel": made[0], "request": made[1]}
+        watched = {"protocol": weakref.ref(server), "session": weakref.ref(server.session),
+                   "channel": made[0], "request": made[1]}
         del server
         c.sendClose(1000)
         await c.closed

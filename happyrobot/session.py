@@ -1,0 +1,450 @@
+"""
+One connection's logic, without the socket: L{Session}.
+
+A session holds what is per connection: its identity (SET_USER, a verified
+session token and its expiry), the rooms it joined (join, leave, resume
+with a replay), the messages that wait behind a pending join or SET_USER,
+its rate limit, and the handlers of each message type with their ERROR
+replies.  It is given the connection's writer (anything with
+C{send(frame)}), a clock, callbacks that close the connection, and the
+server's shared collaborators (registry, bus, configuration, metrics,
+token verifier and project authorizer) in its constructor, and imports
+nothing from Autobahn: L{happyrobot.ws} feeds it each message, and its
+tests feed it directly with a L{twisted.internet.task.Clock}.
+
+L{SessionBase} is the part every endpoint shares (the rate limit, order
+behind a pending request, ERROR replies); L{Session} is ``/ws``'s and
+L{EchoSession} ``/echo``'s (conformance mode).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from happyrobot import auth, logs, messages, security
+from happyrobot.bus import Bus, Replay
+from happyrobot.config import Config
+from happyrobot.framing import binary_frame, text_frame
+from happyrobot.metrics import Metrics
+from happyrobot.rooms import RoomRegistry, Writer
+from happyrobot.timers import cancel_if_active
+
+log = logs.get_logger(__name__)
+
+CLOSE_POLICY_VIOLATION = 1008
+#: Frames a client may send while one of its requests waits on the back end.
+MAX_BACKLOG = 64
+
+
+def _untimed(result: Any, received_at: float) -> Any:
+    return result
+
+
+def _unauthorized(failure: Failure) -> None:
+    failure.trap(auth.AuthError)
+    raise messages.ProtocolError("UNAUTHORIZED", str(failure.value))
+
+
+class SessionBase:
+    """
+    What every WebSocket endpoint's session does with what comes in: the
+    rate limit (an ERROR past the burst, cut off for sending on regardless),
+    messages kept in order behind one that waits on a back end, and ERROR
+    replies.  A subclass says what a message means (L{_handle}).
+
+    @ivar open: whether frames may still go out: False once the connection
+        started closing (L{closing}), after which nothing more is answered.
+    """
+
+    __slots__ = ("client_id", "writer", "clock", "close", "cut_off", "metrics", "cut_off_log",
+                 "open", "_busy", "_backlog", "_bucket", "__weakref__")
+
+    def __init__(
+        self,
+        client_id: str,
+        writer: Writer,
+        clock: IReactorTime,
+        close: Callable[[int, str], None],
+        cut_off: Callable[[], None],
+        *,
+        config: Config,
+        metrics: Metrics,
+        cut_off_log: logs.Throttle,
+    ) -> None:
+        """
+        @param writer: where this connection's frames go.
+        @param close: starts closing the connection with a close code and reason.
+        @param cut_off: closes it with 1008 and stops reading from it at once.
+        @param cut_off_log: throttles the warnings about clients cut off.
+        """
+        self.client_id = client_id
+        self.writer = writer
+        self.clock = clock
+        self.close = close
+        self.cut_off = cut_off
+        self.metrics = metrics
+        self.cut_off_log = cut_off_log
+        self.open = True
+        #: The request the messages that come in now wait for, if any.
+        self._busy: Deferred[None] | None = None
+        #: Messages that arrived while a join or SET_USER was waiting (made
+        #: when first needed: an empty deque is 0.7 kB per connection).
+        self._backlog: deque[tuple[bytes, bool]] | None = None
+        self._bucket = (
+            security.TokenBucket(
+                config.rate_limit_per_second, config.rate_limit_burst, clock.seconds())
+            if config.rate_limit_per_second
+            else None
+        )
+
+    def send(self, frame: bytes) -> None:
+        """Queue an already framed message for this connection."""
+        self.writer.send(frame)
+
+    def closing(self) -> None:
+        """The connection started closing: nothing more is answered."""
+        self.open = False
+
+    def end(self) -> None:
+        """The connection is gone."""
+        self.open = False
+
+    def received(self, payload: bytes, is_binary: bool) -> None:
+        """One whole message from the client."""
+        if not self.open:
+            return  # closing: nothing more is answered
+        if self._bucket is not None and not self._bucket.take(self.clock.seconds()):
+            self._rate_limited()
+            return
+        if self._busy is not None:
+            # A join or SET_USER is waiting on the back end or the identity
+            # provider: later frames wait their turn, so they are handled in
+            # the order sent.
+            if self._backlog is None:
+                self._backlog = deque()
+            elif len(self._backlog) >= MAX_BACKLOG:
+                log.warn("{client_id} sent too much while waiting", client_id=self.client_id)
+                self.close(CLOSE_POLICY_VIOLATION, "Too many messages while busy")
+                return
+            self._backlog.append((payload, is_binary))
+            return
+        self._handle(payload, is_binary)
+
+    def frame_begun(self) -> None:
+        """
+        A frame that is not a whole message began (a ping, a pong, a
+        fragment): it costs the rate limit too, since a flood of tiny ones
+        would otherwise cost CPU that every other client waits for.  Such a
+        flood only ever cuts the client off; it gets no ERROR.
+        """
+        bucket = self._bucket
+        if (bucket is not None and not bucket.take(self.clock.seconds())
+                and bucket.abusive and self.open):
+            self._flooded()
+
+    def _rate_limited(self) -> None:
+        if self._bucket is not None and self._bucket.abusive:
+            self._flooded()
+            return
+        self._error(messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down"))
+
+    def _flooded(self) -> None:
+        n = self.cut_off_log.due()  # a client that reconnects to flood again
+        if n:
+            log.warn("{client_id} kept sending past its rate limit; closed with 1008 "
+                     "({n} such clients since the last such line)", client_id=self.client_id, n=n)
+        self.cut_off()
+
+    def _handle(self, payload: bytes, is_binary: bool) -> None:
+        """Handle one message, in order and within the rate limit."""
+        raise NotImplementedError
+
+    def _failed(self, failure: Failure, operation_id: str | None = None) -> None:
+        """An errback: a message's failure becomes an ERROR reply."""
+        if failure.check(messages.ProtocolError):
+            err = failure.value
+            if err.operation_id is None:
+                err.operation_id = operation_id  # every ERROR echoes the message's operationId
+        else:
+            log.failure("{client_id}: error handling a message", failure,
+                        client_id=self.client_id)
+            err = messages.ProtocolError("INTERNAL_ERROR", "Internal server error", operation_id)
+        self._error(err)
+
+    def _error(self, err: messages.ProtocolError) -> None:
+        """Answer with an ERROR frame (the one place they are built)."""
+        self.metrics.error(err.code)
+        self.send(text_frame(messages.error(err, self._now_ms())))
+
+    def _resume(self, _: object) -> None:
+        self._busy = None
+        while self._backlog and self._busy is None:
+            self._handle(*self._backlog.popleft())
+
+    def _now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+
+class Session(SessionBase):
+    """
+    A ``/ws`` connection's session: identity (SET_USER, a verified token
+    and its expiry), rooms (join, leave, resume with a replay) and relayed
+    events.  It is the room registry's member for its connection
+    (C{client_id}, C{user_id}, C{initials}, C{writer}, C{send}).
+    """
+
+    __slots__ = ("config", "registry", "bus", "verifier", "authorizer", "time_event",
+                 "projects", "user_id", "initials", "_user_info", "_identity", "_expiry")
+
+    def __init__(
+        self,
+        client_id: str,
+        writer: Writer,
+        clock: IReactorTime,
+        close: Callable[[int, str], None],
+        cut_off: Callable[[], None],
+        *,
+        config: Config,
+        metrics: Metrics,
+        cut_off_log: logs.Throttle,
+        registry: RoomRegistry,
+        bus: Bus,
+        verifier: auth.TokenVerifier | None = None,
+        authorizer: auth.ProjectAuthorizer | None = None,
+        identity: auth.Identity | None = None,
+        time_event: Callable[[Any, float], Any] = _untimed,
+    ) -> None:
+        """
+        @param identity: one verified before the session began (a URL token).
+        @param time_event: a callback (result, received_at) for each event
+            appended, which passes the result on (the event latency metric).
+        """
+        SessionBase.__init__(self, client_id, writer, clock, close, cut_off,
+                             config=config, metrics=metrics, cut_off_log=cut_off_log)
+        self.config = config
+        self.registry = registry
+        self.bus = bus
+        self.verifier = verifier
+        self.authorizer = authorizer
+        self.time_event = time_event
+        self.projects: set[str] = set()
+        self.user_id: str | None = None
+        self.initials = ""
+        self._user_info: dict[str, str] = {}
+        self._identity: auth.Identity | None = None
+        self._expiry: IDelayedCall | None = None
+        if identity is not None:
+            self._accept_identity(identity)
+
+    def end(self) -> None:
+        """The connection is gone: leave every room, stop the expiry timer."""
+        self.open = False
+        cancel_if_active(self._expiry)
+        self._expiry = None
+        for project_id in list(self.projects):
+            self.registry.leave(project_id, self)
+        self.projects.clear()
+
+    def _handle(self, payload: bytes, is_binary: bool) -> None:
+        msg = None
+        try:
+            if is_binary:
+                raise messages.ProtocolError(
+                    "BINARY_NOT_SUPPORTED", "Binary frames are not supported; send JSON text"
+                )
+            msg = messages.parse(payload)
+            self.metrics.message_in(msg)
+            if logs.debug_enabled():
+                log.debug(
+                    "{client_id} sent {kind}", client_id=self.client_id, kind=type(msg).__name__
+                )
+            if isinstance(msg, messages.Relay):
+                self._on_relay(msg)
+                return
+            if isinstance(msg, messages.JoinProject):
+                waiting = self._on_join(msg)
+            elif isinstance(msg, messages.LeaveProject):
+                self._on_leave(msg)
+                waiting = None
+            else:
+                waiting = self._on_set_user(msg)
+            if waiting is not None:
+                self._busy = waiting
+                waiting.addErrback(self._failed, msg.operation_id)
+                waiting.addBoth(self._resume)
+        except Exception:
+            self._failed(Failure(), getattr(msg, "operation_id", None))
+
+    # ------------------------------------------------------------ identity
+
+    def _set_user(self, user_id: str, user_info: Mapping[str, str]) -> None:
+        if user_id == self.user_id and user_info == self._user_info:
+            return
+        self.user_id = user_id
+        self._user_info = dict(user_info)
+        self.initials = messages.initials(user_id, user_info)
+        self.registry.member_changed(self.projects)
+
+    def _claim(self, claimed: str | None, user_info: Mapping[str, str]) -> None:
+        """Set the user, checked against the verified token when auth is on."""
+        if self.verifier is None:
+            if claimed is None:
+                raise messages.ProtocolError("MISSING_USER_ID", "SET_USER needs a userId")
+            self._set_user(claimed, user_info)
+            return
+        if self._identity is None:
+            raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
+        if claimed is not None and claimed != self._identity.user_id:
+            raise messages.ProtocolError("UNAUTHORIZED", "userId does not match the token")
+        self._set_user(self._identity.user_id, user_info)
+
+    def _on_set_user(self, msg: messages.SetUser) -> Deferred[None] | None:
+        verifier = self.verifier
+        if verifier is None or msg.token is None:
+            self._claim(msg.user_id, msg.user_info)
+            return None
+        d = verifier.verify(msg.token, self.clock.seconds())
+
+        def verified(identity: auth.Identity) -> None:
+            self._accept_identity(identity)
+            self._claim(msg.user_id, msg.user_info)
+
+        return d.addCallbacks(verified, _unauthorized)
+
+    def _accept_identity(self, identity: auth.Identity) -> None:
+        """Remember a verified identity and close with 1008 when it expires."""
+        self._identity = identity
+        cancel_if_active(self._expiry)
+        verifier = self.verifier
+        assert verifier is not None
+        delay = identity.expires_at + verifier.leeway_seconds - self.clock.seconds()
+        self._expiry = self.clock.callLater(max(0.0, delay), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        log.info("{client_id}: session token expired; closing", client_id=self.client_id)
+        self.close(CLOSE_POLICY_VIOLATION, "Session token expired")
+
+    # ------------------------------------------------------------ rooms
+
+    def _on_join(self, msg: messages.JoinProject) -> Deferred[None] | None:
+        if msg.user is not None:
+            # A userId on JOIN_PROJECT sets the user as SET_USER does; the
+            # userInfo already given is kept only if it is the same user.
+            same = msg.user.user_id == self.user_id
+            self._claim(msg.user.user_id, self._user_info if same else {})
+        elif self.user_id is None and self._identity is not None:
+            self._set_user(self._identity.user_id, {})  # identified by the URL token
+        if self.user_id is None:
+            if self.verifier is not None:
+                raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
+            raise messages.ProtocolError(
+                "NOT_IDENTIFIED",
+                "Clients must identify themselves (SET_USER or userId) before joining",
+            )
+        project_id = msg.project_id
+        if project_id in self.projects:
+            self.registry.join(project_id, self)  # re-announces presence
+            return None
+        limit = self.config.max_rooms_per_connection
+        if limit and len(self.projects) >= limit:
+            raise messages.ProtocolError(
+                "TOO_MANY_ROOMS", f"A connection may be in at most {limit} rooms"
+            )
+        authorizer = self.authorizer
+        if authorizer is None:
+            return self._join(project_id, msg.since)
+
+        def answered(allowed: bool) -> Deferred[None] | None:
+            if not allowed:
+                raise messages.ProtocolError(
+                    "FORBIDDEN", f"Not allowed to join project {project_id}"
+                )
+            return self._join(project_id, msg.since)
+
+        def unanswered(failure: Failure) -> None:
+            raise messages.ProtocolError(
+                "AUTH_UNAVAILABLE", "Project authorization is unavailable; try again later"
+            )
+
+        return authorizer.allowed(self.user_id, project_id).addCallbacks(answered, unanswered)
+
+    def _join(self, project_id: str, since: int | None = None) -> Deferred[None] | None:
+        if not self.open:
+            return None  # closed while the back end was answering
+        self.projects.add(project_id)
+        registry = self.registry
+        if since is None:
+            registry.join(project_id, self)
+            return None
+        # Resume: live events wait for us while the missed ones are read
+        # and sent; release() then skips what the replay already covered.
+        registry.join(project_id, self, hold=True)
+
+        def replayed(replay: Replay) -> None:
+            if not self.open or project_id not in self.projects:
+                return
+            if replay.events is None:
+                self.send(text_frame(
+                    messages.resync_required(project_id, replay.seq, self._now_ms())))
+            else:
+                for event in replay.events:
+                    self.send(text_frame(event))
+            registry.release(project_id, self, replay.seq)
+
+        def failed(failure: Failure) -> Failure:
+            # Without the history we cannot promise "no gap": undo the join
+            # and answer with the error (UNAVAILABLE while Redis is down), so
+            # the client joins again later.
+            if project_id in self.projects:
+                self.projects.discard(project_id)
+                registry.leave(project_id, self)
+            return failure
+
+        return self.bus.replay(project_id, since).addCallbacks(replayed, failed)
+
+    def _on_leave(self, msg: messages.LeaveProject) -> None:
+        if msg.project_id in self.projects:
+            self.projects.discard(msg.project_id)
+            self.registry.leave(msg.project_id, self)
+
+    def _on_relay(self, msg: messages.Relay) -> None:
+        if msg.project_id not in self.projects:
+            raise messages.ProtocolError(
+                "NOT_IN_PROJECT",
+                "Join the project before sending events to it",
+                msg.operation_id,
+            )
+        received = self.clock.seconds()
+        event = messages.relayed(msg, int(received * 1000), self.client_id, self.user_id)
+        project_id, op = msg.project_id, msg.operation_id
+        if not msg.ack:
+            d = self.bus.append(project_id, event, self.client_id)
+            d.addCallback(self.time_event, received)  # event latency
+            d.addErrback(self._failed, op)
+            return
+        assert op is not None and self.user_id is not None  # parse and join ensure both
+
+        def accepted(seq: int) -> None:
+            self.send(text_frame(messages.ack(op, project_id, seq, self._now_ms())))
+
+        d = self.bus.append(project_id, event, self.client_id, (self.user_id, op))
+        d.addCallback(self.time_event, received)  # event latency
+        d.addCallbacks(accepted, self._failed, errbackArgs=(op,))
+
+
+class EchoSession(Session):
+    """
+    ``/echo``'s session (conformance mode): each message is sent back as
+    it came, text as text and binary as binary, after the same rate limit.
+    """
+
+    __slots__ = ()
+
+    def _handle(self, payload: bytes, is_binary: bool) -> None:
+        self.send(binary_frame(payload) if is_binary else text_frame(payload))
