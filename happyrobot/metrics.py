@@ -200,10 +200,10 @@ class _HotCollector:
 class _LiveCollector:
     """Gauges read at scrape time from the server's own objects."""
 
-    def __init__(self, connections: Sized, rooms: Sized, bus: _Healthy | None) -> None:
+    def __init__(self, connections: Sized) -> None:
         self._connections = connections
-        self._rooms = rooms
-        self._bus = bus
+        self._rooms: Sized = ()
+        self._bus: _Healthy | None = None
 
     def describe(self) -> Iterable[Metric]:
         return self._families(0, 0, False)
@@ -231,23 +231,19 @@ class _LiveCollector:
 
 class Metrics:
     """
-    Every metric of one server, in its own registry.  Made by the wiring
-    with the live objects it reads at scrape time: the open connections (a
-    sized mapping), the room registry (sized) and the bus (its C{healthy}).
+    Every metric of one server, in its own registry.  Made first by the
+    wiring (the room registry and the turn flusher record into it), with the
+    open connections (a sized mapping) that it reads at scrape time; the
+    room registry and the bus, made after it, are read once L{watch} has
+    named them.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        connections: Sized = (),
-        rooms: Sized = (),
-        bus: _Healthy | None = None,
-    ) -> None:
+    def __init__(self, clock: IReactorTime, connections: Sized = ()) -> None:
         self._clock = clock
         self._connections = connections
-        self._rooms = rooms
+        self._live = _LiveCollector(connections)
         self.registry = CollectorRegistry()
-        self.registry.register(_LiveCollector(connections, rooms, bus))
+        self.registry.register(self._live)
         #: Valid client messages by type, and frames written (plain numbers).
         self.messages_in: dict[str, int] = {}
         self.frames_out = 0
@@ -268,6 +264,11 @@ class Metrics:
             registry=self.registry,
         )
         self._samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
+
+    def watch(self, rooms: Sized, bus: _Healthy) -> None:
+        """Report the number of C{rooms} and the state of C{bus} from now on."""
+        self._live._rooms = rooms
+        self._live._bus = bus
 
     # ------------------------------------------------------------ recording
 
@@ -316,7 +317,7 @@ class Metrics:
         taken = Sample(
             at=self._clock.seconds() if now is None else now,
             connections=len(self._connections),
-            rooms=len(self._rooms),
+            rooms=len(self._live._rooms),
             messages_in=sum(self.messages_in.values()),
             frames_out=self.frames_out,
             events=sum(self.fanout_recipients.counts),

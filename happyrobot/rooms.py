@@ -55,9 +55,12 @@ def fan_out(writers: Mapping[str, Writer], frame: bytes, exclude: str | None) ->
 
 class RoomListener(Protocol):
     """
-    Told when this registry's first member of a room arrives and when its
-    last one leaves; the Redis bus subscribes to and unsubscribes from the
-    room's channel on these calls, so the registry itself stays free of I/O.
+    What the Redis bus hears from the registry: the first local member of a
+    room arriving and the last one leaving (it subscribes to and
+    unsubscribes from the room's channel), and every change of a room's
+    local members, which it announces across instances instead of the
+    registry (merging them with the others' and calling
+    L{RoomRegistry.send_presence}).  The registry itself stays free of I/O.
     """
 
     def room_opened(self, project_id: str) -> None:
@@ -65,14 +68,6 @@ class RoomListener(Protocol):
 
     def room_closed(self, project_id: str) -> None:
         """C{project_id} has lost its last local member."""
-
-
-class PresencePublisher(Protocol):
-    """
-    Announces presence instead of the registry when members live on other
-    instances too (the Redis bus): it learns the local list on every
-    change, merges it with the others and calls L{RoomRegistry.send_presence}.
-    """
 
     def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
         """The local members of C{project_id} are now C{active_users}."""
@@ -126,19 +121,33 @@ class RoomRegistry:
         clock: IReactorTime,
         presence_window_seconds: float = 0.0,
         encode: Callable[[bytes], bytes] = text_frame,
+        fan_out: Callable[[Mapping[str, Any], bytes, str | None], int] = fan_out,
+        on_deliver: Callable[[int], None] | None = None,
     ) -> None:
+        """
+        @param fan_out: hands a frame to a room's writers (the server's
+            L{happyrobot.writer.TurnFlusher.fan_out} does it faster).
+        @param on_deliver: told each event's number of recipients, once per
+            event (the metrics).
+        """
         self._rooms: dict[str, Room] = {}
         self._clock = clock
         self._window = presence_window_seconds
         self._encode = encode
-        #: Told about rooms opening and closing (the Redis bus), if anyone.
+        self.fan_out = fan_out
+        self.on_deliver = on_deliver
+        #: Told about rooms and presence (the Redis bus), if anyone: see L{listen}.
         self.listener: RoomListener | None = None
-        #: Announces presence across instances (the Redis bus), if anyone.
-        self.presence_publisher: PresencePublisher | None = None
-        #: Told each event's number of recipients, once per event (the metrics).
-        self.on_deliver: Callable[[int], None] | None = None
-        #: Hands a frame to a room's writers (the server's flusher does it faster).
-        self.fan_out: Callable[[Mapping[str, Any], bytes, str | None], int] = fan_out
+
+    def listen(self, listener: RoomListener) -> None:
+        """
+        Tell C{listener} (the Redis bus, which calls this when it is made)
+        of rooms opening and closing and of presence changes, which it then
+        announces instead of the registry.
+        """
+        if self.listener is not None and self.listener is not listener:
+            raise ValueError("a room registry has one listener")
+        self.listener = listener
 
     # ------------------------------------------------------------ queries
 
@@ -281,8 +290,8 @@ class RoomRegistry:
             self._announce(room)
 
     def _send_presence(self, room: Room) -> None:
-        if self.presence_publisher is not None:
-            self.presence_publisher.presence_changed(room.project_id, room.active_users())
+        if self.listener is not None:
+            self.listener.presence_changed(room.project_id, room.active_users())
         else:
             self.send_presence(room.project_id, room.active_users())
 

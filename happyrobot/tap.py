@@ -34,6 +34,7 @@ from happyrobot.seams import twisted as twisted_seam
 from happyrobot.timers import cancel_if_active
 from happyrobot.web import make_site
 from happyrobot.workers import IWorkerReactor
+from happyrobot.writer import TurnFlusher
 from happyrobot.ws import CLOSE_GOING_AWAY, CollabFactory
 
 log = logs.get_logger(__name__)
@@ -198,37 +199,36 @@ class DrainService(MultiService):
 
 def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
     """
-    The registry, the bus and the WebSocket factory that holds them.  With
-    C{config.redis_url} the bus is a L{RedisBus}, otherwise the in-memory
-    L{LocalBus}: either is a service the caller starts and stops
-    (L{makeService} makes it a child).
+    The server's objects, each made with what it needs, in that order, and
+    the WebSocket factory that holds them.  With C{config.redis_url} the bus
+    is a L{RedisBus}, otherwise the in-memory L{LocalBus}: either is a
+    service the caller starts and stops (L{makeService} makes it a child).
     """
-    registry = RoomRegistry(reactor, config.presence_window_seconds)
-    # The bus is made before the factory that holds it; these ask the factory later.
-    factory: CollabFactory
-
-    def connection_count() -> int:
-        return len(factory.connections)
-
+    # The open connections by client id, filled by the factory.
+    connections: dict[str, Any] = {}
+    # Per-server metrics (its own Prometheus registry), fed once per event
+    # by the registry and once per turn by the flusher.
+    metrics = Metrics(reactor, connections)
+    flusher = TurnFlusher(reactor, metrics.turn_flushed)
+    # Rooms hand their frames straight to the connections' writers.
+    registry = RoomRegistry(
+        reactor, config.presence_window_seconds, fan_out=flusher.fan_out,
+        on_deliver=metrics.fanout,
+    )
     bus: Bus
     if config.redis_url:
-        bus = registry.listener = registry.presence_publisher = RedisBus(
+        bus = RedisBus(
             registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
             history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
-            connection_count=connection_count,
-            on_read_done=lambda: factory.flusher.write_turn(),
+            connection_count=connections.__len__, on_read_done=flusher.write_turn,
         )
     else:
         histories = Histories(
             config.history_size, config.history_ttl_seconds,
             config.history_max_bytes, config.history_total_bytes,
         )
-        bus = LocalBus(registry, histories, reactor, connection_count)
-    # Per-server metrics (its own Prometheus registry), fed once per event
-    # by the registry and once per turn by the flusher; they read the open
-    # connections (filled by the factory), rooms and bus when scraped.
-    connections: dict[str, Any] = {}
-    metrics = Metrics(reactor, connections, registry, bus)
+        bus = LocalBus(registry, histories, reactor, connections.__len__)
+    metrics.watch(registry, bus)
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
     http_pool = HTTPConnectionPool(reactor)
@@ -240,15 +240,11 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
             ttl_seconds=config.project_auth_cache_seconds,
             timeout_seconds=config.project_auth_timeout_seconds,
         )
-    factory = CollabFactory(
+    return CollabFactory(
         config, registry, bus, reactor, connections=connections, metrics=metrics,
-        verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,
+        flusher=flusher, verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,
         http_pool=http_pool, reactor=reactor,
     )
-    registry.on_deliver = metrics.fanout
-    # Rooms hand their frames straight to the connections' writers.
-    registry.fan_out = factory.flusher.fan_out
-    return factory
 
 
 def _verifier(

@@ -394,6 +394,7 @@ class CollabFactory(WebSocketServerFactory):
         *,
         connections: dict[str, CollabProtocol] | None = None,
         metrics: Metrics | None = None,
+        flusher: TurnFlusher | None = None,
         verifier: auth.TokenVerifier | None = None,
         authorizer: auth.ProjectAuthorizer | None = None,
         http_pool: Any = None,
@@ -402,6 +403,8 @@ class CollabFactory(WebSocketServerFactory):
         """
         @param connections: the open connections by client id, filled here
             (the metrics given read its size).
+        @param flusher: writes the connections' frames once per turn (the
+            room registry fans out through it).
         @param verifier: given when a JWT key is configured.
         @param authorizer: given when PROJECT_AUTH_URL is set.
         @param http_pool: the keep-alive connections to the back end and
@@ -416,7 +419,7 @@ class CollabFactory(WebSocketServerFactory):
         self.clock = clock
         self.connections = {} if connections is None else connections
         self.metrics = Metrics(clock) if metrics is None else metrics
-        self.flusher = TurnFlusher(clock, self.metrics.turn_flushed)
+        self.flusher = TurnFlusher(clock, self.metrics.turn_flushed) if flusher is None else flusher
         #: At most one warning every 10 s about clients cut off for flooding.
         self.cut_off_log = logs.Throttle(10.0, clock)
         self.limiter = security.ConnectionLimiter(

@@ -42,6 +42,13 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+class _HealthyBus:
+    """What the metrics read of a bus."""
+
+    healthy = True
+    engine = "local"
+
+
 class _Conn:
     """A connection with C{frames} frames queued, as the flusher sees it."""
 
@@ -142,9 +149,8 @@ class MetricsUnitTests(SynchronousTestCase):
 
     def test_fanout_is_observed_once_per_event(self) -> None:
         """The registry reports each delivery's recipient count once, not per member."""
-        registry = RoomRegistry(Clock())
         seen: list[int] = []
-        registry.on_deliver = seen.append
+        registry = RoomRegistry(Clock(), on_deliver=seen.append)
         members = [_Member(f"c{i}") for i in range(5)]
         for m in members:
             registry.join("p1", m)
@@ -163,7 +169,8 @@ class MetricsUnitTests(SynchronousTestCase):
     def test_dashboard_rates_and_percentiles(self) -> None:
         """Rates come from the samples' totals; percentiles from the window's latencies."""
         clock = Clock()
-        metrics = Metrics(clock, connections={"a": 1}, rooms=[1, 2])
+        metrics = Metrics(clock, connections={"a": 1})
+        metrics.watch([1, 2], _HealthyBus())
         metrics.sample(0.0)
         event = Relay("TASK_UPDATE", "p1", None, None, False)
         for _ in range(20):

@@ -138,7 +138,6 @@ class RedisSettingTests(SynchronousTestCase):
         self.assertEqual((bus.history_size, bus.history_ttl_seconds), (50, 30.0))
         registry = service.factory.registry  # type: ignore[attr-defined]
         self.assertIs(registry.listener, bus)
-        self.assertIs(registry.presence_publisher, bus)
         self.assertFalse(bus.healthy)
 
     def test_without_redis_local_bus(self) -> None:
@@ -425,7 +424,6 @@ class RedisFaultTests(RedisTestCase):
         registry = RoomRegistry(reactor, 0.0)
         bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
                        reconnect_max_delay=0.1)
-        registry.listener = registry.presence_publisher = bus
         bus.startService()
         self.addCleanup(bus.stopService)
         await rebuilt
@@ -712,7 +710,6 @@ class BusTestCase(RedisTestCase):
         registry = RoomRegistry(reactor, 0.0)
         bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
                        reconnect_max_delay=0.25, **kw)
-        registry.listener = registry.presence_publisher = bus
         bus.startService()
         self.addCleanup(bus.stopService)
         await bus.when(bus.settled)

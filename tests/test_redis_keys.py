@@ -93,6 +93,12 @@ class MergeTests(SynchronousTestCase):
         calls: list[tuple[str, list[str]]] = []
 
         class Publisher:
+            def room_opened(self, project_id: str) -> None:
+                pass
+
+            def room_closed(self, project_id: str) -> None:
+                pass
+
             def presence_changed(self, project_id: str, users: list[dict[str, Any]]) -> None:
                 calls.append((project_id, [u["userId"] for u in users]))
 
@@ -106,7 +112,7 @@ class MergeTests(SynchronousTestCase):
             def send(self, frame: bytes) -> None:
                 self.frames.append(frame)
 
-        registry.presence_publisher = Publisher()
+        registry.listen(Publisher())
         m = Member()
         registry.join("p1", m)
         self.assertEqual((calls, m.frames), ([("p1", ["u1"])], []))

@@ -64,6 +64,12 @@ class RecordingListener:
     def __init__(self) -> None:
         """A listener that has heard nothing yet."""
         self.events: list[tuple[str, str]] = []
+        #: The presence changes it heard, which the registry no longer announces itself.
+        self.presence: list[tuple[str, list[str]]] = []
+
+    def presence_changed(self, project_id: str, active_users: list[dict[str, Any]]) -> None:
+        """Record the local members' user ids."""
+        self.presence.append((project_id, [u["userId"] for u in active_users]))
 
     def room_opened(self, project_id: str) -> None:
         """Record that C{project_id} opened."""
@@ -662,7 +668,7 @@ class ListenerTests(SynchronousTestCase):
     def test_first_join_opens(self) -> None:
         """Only the first member's join opens the room."""
         _, registry = _registry()
-        registry.listener = listener = RecordingListener()
+        registry.listen(listener := RecordingListener())
         registry.join("p1", _member(1))
         registry.join("p1", _member(2))
         registry.join("p1", _member(1))
@@ -671,7 +677,7 @@ class ListenerTests(SynchronousTestCase):
     def test_last_leave_closes(self) -> None:
         """Only the last member's leave closes the room."""
         _, registry = _registry()
-        registry.listener = listener = RecordingListener()
+        registry.listen(listener := RecordingListener())
         a, b = _member(1), _member(2)
         registry.join("p1", a)
         registry.join("p1", b)
@@ -693,7 +699,7 @@ class ListenerTests(SynchronousTestCase):
                 """Record whether the room is still in the registry."""
                 seen.append(project_id in registry)
 
-        registry.listener = Checking()
+        registry.listen(Checking())
         a = _member(1)
         registry.join("p1", a)
         registry.leave("p1", a)
@@ -702,7 +708,7 @@ class ListenerTests(SynchronousTestCase):
     def test_reopen(self) -> None:
         """A room emptied and joined again opens again, per room."""
         _, registry = _registry()
-        registry.listener = listener = RecordingListener()
+        registry.listen(listener := RecordingListener())
         a, b = _member(1), _member(2)
         registry.join("p1", a)
         registry.join("p2", b)
@@ -713,10 +719,26 @@ class ListenerTests(SynchronousTestCase):
             [("opened", "p1"), ("opened", "p2"), ("closed", "p1"), ("opened", "p1")],
         )
 
+    def test_listener_announces_presence(self) -> None:
+        """With a listener, presence changes go to it and the members get none from the registry."""
+        _, registry = _registry()
+        registry.listen(listener := RecordingListener())
+        registry.listen(listener)  # the same one again changes nothing
+        a = _member(1)
+        registry.join("p1", a)
+        self.assertEqual(listener.presence, [("p1", [a.user_id])])
+        self.assertEqual(a.frames, [])
+
+    def test_one_listener(self) -> None:
+        """A second, different listener is refused."""
+        _, registry = _registry()
+        registry.listen(RecordingListener())
+        self.assertRaises(ValueError, registry.listen, RecordingListener())
+
     def test_stranger_leaving_closes_nothing(self) -> None:
         """Leaving a room one is not in, or one that does not exist, tells the listener nothing."""
         _, registry = _registry()
-        registry.listener = listener = RecordingListener()
+        registry.listen(listener := RecordingListener())
         registry.join("p1", _member(1))
         registry.leave("p1", _member(2))
         registry.leave("p9", _member(2))

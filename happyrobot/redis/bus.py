@@ -54,7 +54,7 @@ REPLAY_DELIVERY_TIMEOUT_SECONDS = 10.0
 class RedisBus(Service):
     """
     Fan-out, presence and statistics through Redis: a L{Bus} and the
-    registry's room listener and presence publisher.
+    registry's room listener (it calls L{RoomRegistry.listen}).
 
     Every instance, the sender's included, delivers events from its
     subscriptions, never directly: L{append} numbers, stores and publishes
@@ -126,6 +126,7 @@ class RedisBus(Service):
             history_ttl_seconds, lambda: bool(self.healthy and self.running), connection_count,
         )
         self._was_healthy = False
+        registry.listen(self)
         #: SUBSCRIBE and UNSUBSCRIBE commands not yet answered.
         self._in_flight = 0
         self._heartbeat: LoopingCall | None = None
