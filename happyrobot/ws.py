@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from typing import Any, cast
+from typing import Any, Iterable, cast
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -66,6 +66,21 @@ def _accept_deflate(max_message_bytes: int) -> Any:
 def new_client_id(now_ms: int) -> str:
     """A unique, unguessable client id in the original server's style."""
     return f"client_{now_ms}_{secrets.token_hex(6)}"
+
+
+def http_error(code: int, reason: str, headers: Iterable[tuple[str, Any]] = ()) -> bytes:
+    """
+    A refused handshake's response (401 bad token, 426 no upgrade, 400 a
+    broken one), in JSON like every other error of the site: Autobahn would
+    send its reason as the status line and no body.
+    """
+    body = orjson.dumps({"error": reason})
+    head = [f"HTTP/1.1 {code} {RESPONSES.get(code, b'Error').decode('ascii')}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close"]
+    head += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
 class CollabProtocol(WebSocketServerProtocol):
@@ -124,16 +139,7 @@ class CollabProtocol(WebSocketServerProtocol):
     def sendHttpErrorResponse(
         self, code: int, reason: str, responseHeaders: list[tuple[str, Any]] | None = None
     ) -> None:
-        # A refused handshake (401 bad token, 426 no upgrade, 400 a broken
-        # one) answers in JSON like every other error of the site; Autobahn
-        # would send its reason as the status line and no body.
-        body = orjson.dumps({"error": reason})
-        head = [f"HTTP/1.1 {code} {RESPONSES.get(code, b'Error').decode('ascii')}",
-                "Content-Type: application/json",
-                f"Content-Length: {len(body)}",
-                "Connection: close"]
-        head += [f"{name}: {value}" for name, value in responseHeaders or ()]
-        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
+        self.sendData(http_error(code, reason, responseHeaders or ()))
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -410,8 +410,7 @@ class RedisTestCase(TestCase):
         )
         factory = build_factory(config, reactor)
         bus = factory.bus
-        bus.reconnect_initial_delay = 0.05  # type: ignore[attr-defined]
-        bus.reconnect_max_delay = 0.25  # type: ignore[attr-defined]
+        bus.reconnect_delays = (0.05, 0.25)  # type: ignore[attr-defined]
         bus.startService()  # type: ignore[attr-defined]
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             make_site(factory)

@@ -442,8 +442,7 @@ class RedisFaultTests(RedisTestCase):
                     redis_url=redis.url),
             reactor,
         )
-        factory.bus.reconnect_initial_delay = 0.05  # type: ignore[attr-defined]
-        factory.bus.reconnect_max_delay = 0.25  # type: ignore[attr-defined]
+        factory.bus.reconnect_delays = (0.05, 0.25)  # type: ignore[attr-defined]
         factory.bus.startService()  # type: ignore[attr-defined]
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             make_site(factory)

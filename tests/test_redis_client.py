@@ -163,3 +163,16 @@ class ReplyParserTests(SynchronousTestCase):
         proto.dataReceived(b"?what\r\n")
         self.assertEqual(aborted, [1])
         self.assertEqual(messages, ["read done"])
+
+
+class BackoffTests(SynchronousTestCase):
+    """The wait between reconnection attempts."""
+
+    def test_doubles_up_to_the_longest(self) -> None:
+        """It doubles from the first delay and stops at the longest, each spread by 20 %."""
+        from happyrobot.redis.bus import backoff
+
+        for attempt, base in ((1, 0.5), (2, 1.0), (3, 2.0), (6, 10.0), (100, 10.0)):
+            delays = [backoff(0.5, 10.0, attempt) for _ in range(50)]
+            self.assertTrue(all(0.8 * base <= d <= 1.2 * base for d in delays), (attempt, delays))
+        self.assertGreater(len({backoff(0.5, 10.0, 1) for _ in range(20)}), 1)

@@ -51,6 +51,15 @@ RECONNECT_MAX_DELAY_SECONDS = 10.0
 REPLAY_DELIVERY_TIMEOUT_SECONDS = 10.0
 
 
+def backoff(initial: float, longest: float, attempt: int) -> float:
+    """
+    How long to wait before reconnection attempt C{attempt} (from 1):
+    doubling from C{initial} up to C{longest}, spread by +-20 % so that a
+    fleet's reconnections do not come all at once.
+    """
+    return min(initial * 2 ** min(attempt - 1, 30), longest) * random.uniform(0.8, 1.2)
+
+
 class RedisBus(Service):
     """
     Fan-out, presence and statistics through Redis: a L{Bus} and the
@@ -104,15 +113,14 @@ class RedisBus(Service):
         #: Bounds of each room's history (HISTORY_SIZE, HISTORY_TTL_SECONDS).
         self.history_size = history_size
         self.history_ttl_seconds = history_ttl_seconds
-        #: Backoff between reconnection attempts (tests shorten it).
-        self.reconnect_initial_delay = reconnect_initial_delay
-        self.reconnect_max_delay = reconnect_max_delay
-        #: How long Redis may take to answer a command before the link
-        #: counts as lost (half of C{instance_ttl}: by then our own
-        #: heartbeat key would be at risk anyway).
+        #: How long Redis may take to answer before the link counts as lost
+        #: (by then our own heartbeat key would be at risk anyway).
         self.reply_timeout = instance_ttl / 2
+        #: Backoff between reconnection attempts (tests shorten it).
+        self.reconnect_delays = (reconnect_initial_delay, reconnect_max_delay)
         self.link = RedisLink(
-            redis_address(url), reactor, self.reply_timeout, self._retry_delay,
+            redis_address(url), reactor, self.reply_timeout,
+            lambda attempt: backoff(*self.reconnect_delays, attempt),
             self._commands_changed, self._subscriber_changed, self._message, on_read_done,
         )
         self.events = EventStore(self.link, reactor, self._instance, history_size,
@@ -280,12 +288,6 @@ class RedisBus(Service):
                 log.warn("Redis did not confirm this instance's goodbye; "
                          "its heartbeat key expires instead")
         await self.link.stop()
-
-    def _retry_delay(self, attempt: int) -> float:
-        delay = min(
-            self.reconnect_initial_delay * 2 ** min(attempt - 1, 30), self.reconnect_max_delay
-        )
-        return delay * random.uniform(0.8, 1.2)  # spread out a fleet's reconnections
 
     # ------------------------------------------------------------ connections
 
