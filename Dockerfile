@@ -41,5 +41,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
 # -n: stay in the foreground and log to stdout.  --pidfile= : write no pid
 # file, so a restarted container is never refused because a stale
 # twistd.pid names a live PID (often 1).  --logger: twistd's own lines,
-# written for less CPU (see "Logs" in the README).
+# written for less CPU (see "Logs" in docs/operations.md).
 CMD ["twistd", "-n", "--pidfile=", "--logger", "happyrobot.logs.observer", "happyrobot-ws"]

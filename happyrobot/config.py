@@ -112,7 +112,7 @@ SETTINGS = (
             "SHUTDOWN_TIMEOUT (unset: at most half of it)"),
     Setting("PERMESSAGE_DEFLATE", "permessage-deflate", "false",
             "true accepts clients' permessage-deflate offers: events of 256 bytes or more "
-            "are compressed, once per event (README, Performance)"),
+            "are compressed, once per event (docs/performance.md)"),
     Setting("CONFORMANCE_ECHO", "conformance-echo", "false",
             "true adds /echo, a WebSocket echoing every message, for the "
             "Autobahn|Testsuite (scripts/conformance); never in production"),

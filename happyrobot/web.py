@@ -190,8 +190,8 @@ def _client_script() -> tuple[bytes, bytes]:
 
 class ClientScript(Endpoint):
     """
-    ``GET /client.js``: the browser client, an ES module (README, "Browser
-    client").  CORS as on every resource, since browsers fetch module
+    ``GET /client.js``: the browser client, an ES module (docs/clients.md,
+    "Browser client").  CORS as on every resource, since browsers fetch module
     scripts in CORS mode; cached for a few minutes, then revalidated by
     its ETag, so a new server version reaches browsers soon.
     """

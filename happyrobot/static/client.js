@@ -20,7 +20,7 @@
  * Events handed to on(): every server message by its `type` (upper case,
  * e.g. "TASK_UPDATE", "USER_PRESENCE", "ERROR"), "*" for every server
  * message, and the client's own lower-case events: "state", "dropped",
- * "disconnect" and "rejoin".  See the README section "Browser client".
+ * "disconnect" and "rejoin".  See docs/clients.md, "Browser client".
  *
  * Delivery: the server ignores fields it does not know, so the client may
  * always send them.  Every join carries `since`: 0 the first time (a server
