@@ -24,6 +24,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
@@ -220,7 +221,11 @@ class _TailProtocol(WebSocketClientProtocol):
         self.factory.session.closed(code, reason, self._opened)
 
 
-async def tail(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
+class IClientReactor(IReactorCore, IReactorTCP, IReactorTime):
+    """What the command line uses of its reactor (every real reactor provides it)."""
+
+
+async def tail(reactor: IClientReactor, args: argparse.Namespace, out: TextIO) -> None:
     """
     Watch a room, writing each message to C{out} as one JSON line, until
     the connection ends.  Cancel the call to stop it (the socket is closed
@@ -258,7 +263,7 @@ async def tail(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
 # -------------------------------------------------------------------- publish
 
 
-async def publish(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
+async def publish(reactor: IClientReactor, args: argparse.Namespace, out: TextIO) -> None:
     """
     Send one event through ``POST /broadcast`` and write the JSON reply to
     C{out}.
@@ -299,7 +304,7 @@ async def publish(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
 _COMMANDS = {"tail": tail, "publish": publish}
 
 
-async def run(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+async def run(reactor: IClientReactor, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the parsed command; the exit code (0, or 1 after a one-line message on C{err})."""
     try:
         await _COMMANDS[args.command](reactor, args, out)
@@ -322,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: parse, run under the reactor, exit with the code."""
     args = parse_args(argv)
 
-    async def _main(reactor: Any) -> None:
+    async def _main(reactor: IClientReactor) -> None:
         code = await run(reactor, args, sys.stdout, sys.stderr)
         if code:
             raise SystemExit(code)
