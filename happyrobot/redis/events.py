@@ -32,6 +32,7 @@ from happyrobot.redis.keys import (
     seq_key,
 )
 from happyrobot.redis.sequencer import ReadResult
+from happyrobot.timers import cancel_if_active
 
 #: An event sent to Redis without an answer: it may or may not be stored.
 #: Sent again with "ack": true and the same operationId, it is recognised
@@ -92,10 +93,8 @@ class EventStore:
         envelope (a single event as a plain C{E} envelope, which instances
         of earlier versions understand too).
         """
-        if self.scheduled is not None:
-            if self.scheduled.active():
-                self.scheduled.cancel()
-            self.scheduled = None
+        cancel_if_active(self.scheduled)
+        self.scheduled = None
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
