@@ -24,8 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     ILogObserver,
     LogEvent,
-    LogLevel,
     Logger,
+    LogLevel,
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,

@@ -30,6 +30,7 @@ from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus
 from happyrobot.rooms import RoomRegistry
+from happyrobot.seams import Unsupported
 from happyrobot.seams import twisted as twisted_seam
 from happyrobot.timers import cancel_if_active
 from happyrobot.web import make_site
@@ -317,7 +318,7 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
                 raise ConfigError("PORT: workers need a fixed port, not 0")
         factory = build_factory(config, reactor)
         listener = None if multi else listening_service(config.port, make_site(factory), reactor)
-    except (ConfigError, twisted_seam.Unsupported) as e:
+    except (ConfigError, Unsupported) as e:
         # One line naming the variable (or what Twisted lacks), as twistd
         # users expect from a bad flag.
         raise SystemExit(f"happyrobot-ws: {e}") from None

@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
-
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.config import Config
 from happyrobot.history import Histories, RoomHistory, with_seq

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, formatTime
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot.config import Config
+from happyrobot.seams import Unsupported
 from happyrobot.seams import autobahn as seam
 from happyrobot.tap import build_factory
 
@@ -29,7 +30,7 @@ class CheckTests(SynchronousTestCase):
             STATE_OPEN = 3
             CONFIG_ATTRS = ()
 
-        e = self.assertRaises(seam.SeamError, seam.check, Bare, "24.4.2")
+        e = self.assertRaises(Unsupported, seam.check, Bare, "24.4.2")
         self.assertEqual(
             str(e),
             "autobahn 24.4.2 lacks Bare._dataReceived, which happyrobot relies on; "
@@ -45,7 +46,7 @@ class CheckTests(SynchronousTestCase):
                 super().succeedHandshake(res)
                 del self.inside_message
 
-        e = self.assertRaises(seam.SeamError, seam.check, Older, "99.0.0")
+        e = self.assertRaises(Unsupported, seam.check, Older, "99.0.0")
         self.assertIn("autobahn 99.0.0 lacks Older.inside_message,", str(e))
 
     def test_every_instance_attribute_looked_for(self) -> None:
@@ -84,8 +85,23 @@ class FactoryTests(SynchronousTestCase):
         """Building the WebSocket factory runs the check: a missing attribute stops it."""
 
         def missing(*args: object) -> None:
-            raise seam.SeamError("autobahn 0.0 lacks WebSocketServerProtocol.data, ...")
+            raise Unsupported("autobahn 0.0 lacks WebSocketServerProtocol.data, ...")
 
         self.patch(seam, "check", missing)
-        e = self.assertRaises(seam.SeamError, build_factory, Config(), Clock())
+        e = self.assertRaises(Unsupported, build_factory, Config(), Clock())
         self.assertIn("autobahn 0.0 lacks", str(e))
+
+    def test_start_up_stops_with_one_line(self) -> None:
+        """A missing attribute stops makeService with the same one line as a bad setting."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from happyrobot.tap import Options, makeService
+
+        def missing(*args: object) -> None:
+            raise Unsupported("autobahn 0.0 lacks WebSocketServerProtocol.data, ...")
+
+        self.patch(seam, "check", missing)
+        options = Options(environ={})
+        options.parseOptions(["--env-file="])
+        e = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+        self.assertEqual(str(e), "happyrobot-ws: autobahn 0.0 lacks WebSocketServerProtocol.data, ...")

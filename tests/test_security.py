@@ -6,7 +6,6 @@ token, the rate limit, the room and connection caps and the slow-reader bound.
 from __future__ import annotations
 
 import socket
-
 from typing import Any
 
 import txaio

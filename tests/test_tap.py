@@ -88,9 +88,8 @@ class OptionsTests(SynchronousTestCase):
     def test_port_in_use_stops_with_one_line(self) -> None:
         """A port that cannot be bound stops start-up with one line naming PORT."""
         from twisted.internet import reactor
-
-        from twisted.web.server import Site
         from twisted.web.resource import Resource
+        from twisted.web.server import Site
 
         taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)

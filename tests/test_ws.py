@@ -9,15 +9,17 @@ import gc
 import json
 import weakref
 
+from autobahn.twisted.websocket import WebSocketClientFactory
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponseAccept,
+)
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
 from happyrobot.messages import RELAYED_TYPES
-from autobahn.twisted.websocket import WebSocketClientFactory
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
-
 from tests.helpers import ORIGIN, Client, ServerTestCase
 from tests.test_framing import client_frame
 

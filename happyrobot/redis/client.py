@@ -33,9 +33,10 @@ from twisted.python.failure import Failure
 
 from happyrobot import logs
 from happyrobot.bus import Unavailable
-from happyrobot.config import ConfigError, RedisAddress
+from happyrobot.config import RedisAddress
 from happyrobot.redis.scripts import ALL as ALL_SCRIPTS
 from happyrobot.redis.scripts import Script
+from happyrobot.seams import Unsupported
 
 log = logs.get_logger(__name__)
 
@@ -43,11 +44,8 @@ log = logs.get_logger(__name__)
 UNREACHABLE_LOG_SECONDS = 10.0
 
 
-class TxredisapiChanged(ConfigError):
-    """
-    The installed txredisapi lacks something happyrobot relies on (a
-    L{ConfigError}: makeService stops with its one line).
-    """
+class TxredisapiChanged(Unsupported):
+    """The installed txredisapi lacks something happyrobot relies on (one line)."""
 
 
 def check() -> None:

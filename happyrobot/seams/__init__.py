@@ -12,4 +12,11 @@ the middle of a connection:
   - L{happyrobot.seams.autobahn}: Autobahn's WebSocket protocol and factory;
   - L{happyrobot.seams.twisted}: Twisted;
   - L{happyrobot.redis.client}: txredisapi (its only importer).
+
+Each check raises L{Unsupported}; makeService turns it into the same
+one-line exit as a bad setting.
 """
+
+
+class Unsupported(Exception):
+    """The installed version of a library lacks something happyrobot relies on (one line)."""

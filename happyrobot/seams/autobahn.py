@@ -42,6 +42,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from happyrobot.seams import Unsupported
+
 #: Autobahn's state of an open connection.
 STATE_OPEN: int = getattr(WebSocketServerProtocol, "STATE_OPEN", 3)
 OPCODE_CLOSE = 8
@@ -61,13 +63,9 @@ INSTANCE_ATTRIBUTES = (
 )
 
 
-class SeamError(Exception):
-    """An Autobahn attribute happyrobot relies on is missing."""
-
-
 def check(protocol: type = WebSocketServerProtocol, version: str = autobahn.__version__) -> None:
     """
-    Raise L{SeamError}, with a one-line message naming the Autobahn
+    Raise L{Unsupported}, with a one-line message naming the Autobahn
     version, unless C{protocol} (a C{WebSocketServerProtocol}) has every
     attribute this module uses.  The instance attributes are looked for on
     a connection opened in memory.  Checked once per class.
@@ -80,7 +78,7 @@ def check(protocol: type = WebSocketServerProtocol, version: str = autobahn.__ve
         missing = [name for name in INSTANCE_ATTRIBUTES if not hasattr(opened, name)]
         opened.connectionLost(Failure(ConnectionDone()))
     if missing:
-        raise SeamError(
+        raise Unsupported(
             f"autobahn {version} lacks {protocol.__name__}.{missing[0]}, which happyrobot "
             f"relies on; install a version in setup.py's range"
         )

@@ -28,9 +28,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
-
-class Unsupported(Exception):
-    """The installed Twisted lacks something happyrobot relies on (one line)."""
+from happyrobot.seams import Unsupported
 
 
 def _lacks(what: str) -> Unsupported:
