@@ -6,8 +6,8 @@ session token and its expiry), the rooms it joined (join, leave, resume
 with a replay), the messages that wait behind a pending join or SET_USER,
 its rate limit, and the handlers of each message type with their ERROR
 replies.  It is given the connection's writer (anything with
-C{send(frame)}), a clock, callbacks that close the connection, and the
-server's shared collaborators (registry, bus, configuration, metrics,
+C{send(frame)}), callbacks that close the connection, and the server's
+L{Shared} collaborators (clock, configuration, metrics, registry, bus,
 token verifier and project authorizer) in its constructor, and imports
 nothing from Autobahn: L{happyrobot.ws} feeds it each message, and its
 tests feed it directly with a L{twisted.internet.task.Clock}.
@@ -20,6 +20,7 @@ L{EchoSession} ``/echo``'s (conformance mode).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import Deferred
@@ -50,6 +51,29 @@ def _unauthorized(failure: Failure) -> None:
     raise messages.ProtocolError("UNAUTHORIZED", str(failure.value))
 
 
+@dataclass
+class Shared:
+    """
+    What every session of one server shares, made once by the WebSocket
+    factory: a session keeps this one reference instead of a copy of each.
+    """
+
+    clock: IReactorTime
+    config: Config
+    metrics: Metrics
+    registry: RoomRegistry
+    bus: Bus
+    #: Throttles the warnings about clients cut off for flooding.
+    cut_off_log: logs.Throttle
+    #: Given when a JWT key is configured.
+    verifier: auth.TokenVerifier | None = None
+    #: Given when PROJECT_AUTH_URL is set.
+    authorizer: auth.ProjectAuthorizer | None = None
+    #: A callback (result, received_at) for each event appended, which
+    #: passes the result on (the event latency metric).
+    time_event: Callable[[Any, float], Any] = _untimed
+
+
 class SessionBase:
     """
     What every WebSocket endpoint's session does with what comes in: the
@@ -61,43 +85,38 @@ class SessionBase:
         started closing (L{closing}), after which nothing more is answered.
     """
 
-    __slots__ = ("client_id", "writer", "clock", "close", "cut_off", "metrics", "cut_off_log",
-                 "open", "_busy", "_backlog", "_bucket", "__weakref__")
+    __slots__ = ("client_id", "writer", "shared", "close", "cut_off", "open", "_busy",
+                 "_backlog", "_bucket", "__weakref__")
 
     def __init__(
         self,
         client_id: str,
         writer: Writer,
-        clock: IReactorTime,
         close: Callable[[int, str], None],
         cut_off: Callable[[], None],
-        *,
-        config: Config,
-        metrics: Metrics,
-        cut_off_log: logs.Throttle,
+        shared: Shared,
     ) -> None:
         """
         @param writer: where this connection's frames go.
         @param close: starts closing the connection with a close code and reason.
         @param cut_off: closes it with 1008 and stops reading from it at once.
-        @param cut_off_log: throttles the warnings about clients cut off.
+        @param shared: the server's collaborators.
         """
         self.client_id = client_id
         self.writer = writer
-        self.clock = clock
+        self.shared = shared
         self.close = close
         self.cut_off = cut_off
-        self.metrics = metrics
-        self.cut_off_log = cut_off_log
         self.open = True
         #: The request the messages that come in now wait for, if any.
         self._busy: Deferred[None] | None = None
         #: Messages that arrived while a join or SET_USER was waiting (made
         #: when first needed: an empty deque is 0.7 kB per connection).
         self._backlog: deque[tuple[bytes, bool]] | None = None
+        config = shared.config
         self._bucket = (
             security.TokenBucket(
-                config.rate_limit_per_second, config.rate_limit_burst, clock.seconds())
+                config.rate_limit_per_second, config.rate_limit_burst, shared.clock.seconds())
             if config.rate_limit_per_second
             else None
         )
@@ -118,7 +137,7 @@ class SessionBase:
         """One whole message from the client."""
         if not self.open:
             return  # closing: nothing more is answered
-        if self._bucket is not None and not self._bucket.take(self.clock.seconds()):
+        if self._bucket is not None and not self._bucket.take(self.shared.clock.seconds()):
             self._rate_limited()
             return
         if self._busy is not None:
@@ -143,7 +162,7 @@ class SessionBase:
         flood only ever cuts the client off; it gets no ERROR.
         """
         bucket = self._bucket
-        if (bucket is not None and not bucket.take(self.clock.seconds())
+        if (bucket is not None and not bucket.take(self.shared.clock.seconds())
                 and bucket.abusive and self.open):
             self._flooded()
 
@@ -154,7 +173,7 @@ class SessionBase:
         self._error(messages.ProtocolError("RATE_LIMITED", "Too many messages; slow down"))
 
     def _flooded(self) -> None:
-        n = self.cut_off_log.due()  # a client that reconnects to flood again
+        n = self.shared.cut_off_log.due()  # a client that reconnects to flood again
         if n:
             log.warn("{client_id} kept sending past its rate limit; closed with 1008 "
                      "({n} such clients since the last such line)", client_id=self.client_id, n=n)
@@ -178,7 +197,7 @@ class SessionBase:
 
     def _error(self, err: messages.ProtocolError) -> None:
         """Answer with an ERROR frame (the one place they are built)."""
-        self.metrics.error(err.code)
+        self.shared.metrics.error(err.code)
         self.send(text_frame(messages.error(err, self._now_ms())))
 
     def _resume(self, _: object) -> None:
@@ -187,7 +206,7 @@ class SessionBase:
             self._handle(*self._backlog.popleft())
 
     def _now_ms(self) -> int:
-        return int(self.clock.seconds() * 1000)
+        return int(self.shared.clock.seconds() * 1000)
 
 
 class Session(SessionBase):
@@ -198,40 +217,19 @@ class Session(SessionBase):
     (C{client_id}, C{user_id}, C{initials}, C{writer}, C{send}).
     """
 
-    __slots__ = ("config", "registry", "bus", "verifier", "authorizer", "time_event",
-                 "projects", "user_id", "initials", "_user_info", "_identity", "_expiry")
+    __slots__ = ("projects", "user_id", "initials", "_user_info", "_identity", "_expiry")
 
     def __init__(
         self,
         client_id: str,
         writer: Writer,
-        clock: IReactorTime,
         close: Callable[[int, str], None],
         cut_off: Callable[[], None],
-        *,
-        config: Config,
-        metrics: Metrics,
-        cut_off_log: logs.Throttle,
-        registry: RoomRegistry,
-        bus: Bus,
-        verifier: auth.TokenVerifier | None = None,
-        authorizer: auth.ProjectAuthorizer | None = None,
+        shared: Shared,
         identity: auth.Identity | None = None,
-        time_event: Callable[[Any, float], Any] = _untimed,
     ) -> None:
-        """
-        @param identity: one verified before the session began (a URL token).
-        @param time_event: a callback (result, received_at) for each event
-            appended, which passes the result on (the event latency metric).
-        """
-        SessionBase.__init__(self, client_id, writer, clock, close, cut_off,
-                             config=config, metrics=metrics, cut_off_log=cut_off_log)
-        self.config = config
-        self.registry = registry
-        self.bus = bus
-        self.verifier = verifier
-        self.authorizer = authorizer
-        self.time_event = time_event
+        """@param identity: one verified before the session began (a URL token)."""
+        SessionBase.__init__(self, client_id, writer, close, cut_off, shared)
         self.projects: set[str] = set()
         self.user_id: str | None = None
         self.initials = ""
@@ -247,7 +245,7 @@ class Session(SessionBase):
         cancel_if_active(self._expiry)
         self._expiry = None
         for project_id in list(self.projects):
-            self.registry.leave(project_id, self)
+            self.shared.registry.leave(project_id, self)
         self.projects.clear()
 
     def _handle(self, payload: bytes, is_binary: bool) -> None:
@@ -258,7 +256,7 @@ class Session(SessionBase):
                     "BINARY_NOT_SUPPORTED", "Binary frames are not supported; send JSON text"
                 )
             msg = messages.parse(payload)
-            self.metrics.message_in(msg)
+            self.shared.metrics.message_in(msg)
             if logs.debug_enabled():
                 log.debug(
                     "{client_id} sent {kind}", client_id=self.client_id, kind=type(msg).__name__
@@ -288,11 +286,11 @@ class Session(SessionBase):
         self.user_id = user_id
         self._user_info = dict(user_info)
         self.initials = messages.initials(user_id, user_info)
-        self.registry.member_changed(self.projects)
+        self.shared.registry.member_changed(self.projects)
 
     def _claim(self, claimed: str | None, user_info: Mapping[str, str]) -> None:
         """Set the user, checked against the verified token when auth is on."""
-        if self.verifier is None:
+        if self.shared.verifier is None:
             if claimed is None:
                 raise messages.ProtocolError("MISSING_USER_ID", "SET_USER needs a userId")
             self._set_user(claimed, user_info)
@@ -304,11 +302,11 @@ class Session(SessionBase):
         self._set_user(self._identity.user_id, user_info)
 
     def _on_set_user(self, msg: messages.SetUser) -> Deferred[None] | None:
-        verifier = self.verifier
+        verifier = self.shared.verifier
         if verifier is None or msg.token is None:
             self._claim(msg.user_id, msg.user_info)
             return None
-        d = verifier.verify(msg.token, self.clock.seconds())
+        d = verifier.verify(msg.token, self.shared.clock.seconds())
 
         def verified(identity: auth.Identity) -> None:
             self._accept_identity(identity)
@@ -320,10 +318,10 @@ class Session(SessionBase):
         """Remember a verified identity and close with 1008 when it expires."""
         self._identity = identity
         cancel_if_active(self._expiry)
-        verifier = self.verifier
+        verifier = self.shared.verifier
         assert verifier is not None
-        delay = identity.expires_at + verifier.leeway_seconds - self.clock.seconds()
-        self._expiry = self.clock.callLater(max(0.0, delay), self._token_expired)
+        delay = identity.expires_at + verifier.leeway_seconds - self.shared.clock.seconds()
+        self._expiry = self.shared.clock.callLater(max(0.0, delay), self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry = None
@@ -341,7 +339,7 @@ class Session(SessionBase):
         elif self.user_id is None and self._identity is not None:
             self._set_user(self._identity.user_id, {})  # identified by the URL token
         if self.user_id is None:
-            if self.verifier is not None:
+            if self.shared.verifier is not None:
                 raise messages.ProtocolError("UNAUTHORIZED", "A valid session token is required")
             raise messages.ProtocolError(
                 "NOT_IDENTIFIED",
@@ -349,14 +347,14 @@ class Session(SessionBase):
             )
         project_id = msg.project_id
         if project_id in self.projects:
-            self.registry.join(project_id, self)  # re-announces presence
+            self.shared.registry.join(project_id, self)  # re-announces presence
             return None
-        limit = self.config.max_rooms_per_connection
+        limit = self.shared.config.max_rooms_per_connection
         if limit and len(self.projects) >= limit:
             raise messages.ProtocolError(
                 "TOO_MANY_ROOMS", f"A connection may be in at most {limit} rooms"
             )
-        authorizer = self.authorizer
+        authorizer = self.shared.authorizer
         if authorizer is None:
             return self._join(project_id, msg.since)
 
@@ -378,7 +376,7 @@ class Session(SessionBase):
         if not self.open:
             return None  # closed while the back end was answering
         self.projects.add(project_id)
-        registry = self.registry
+        registry = self.shared.registry
         if since is None:
             registry.join(project_id, self)
             return None
@@ -406,12 +404,12 @@ class Session(SessionBase):
                 registry.leave(project_id, self)
             return failure
 
-        return self.bus.replay(project_id, since).addCallbacks(replayed, failed)
+        return self.shared.bus.replay(project_id, since).addCallbacks(replayed, failed)
 
     def _on_leave(self, msg: messages.LeaveProject) -> None:
         if msg.project_id in self.projects:
             self.projects.discard(msg.project_id)
-            self.registry.leave(msg.project_id, self)
+            self.shared.registry.leave(msg.project_id, self)
 
     def _on_relay(self, msg: messages.Relay) -> None:
         if msg.project_id not in self.projects:
@@ -420,12 +418,12 @@ class Session(SessionBase):
                 "Join the project before sending events to it",
                 msg.operation_id,
             )
-        received = self.clock.seconds()
+        received = self.shared.clock.seconds()
         event = messages.relayed(msg, int(received * 1000), self.client_id, self.user_id)
         project_id, op = msg.project_id, msg.operation_id
         if not msg.ack:
-            d = self.bus.append(project_id, event, self.client_id)
-            d.addCallback(self.time_event, received)  # event latency
+            d = self.shared.bus.append(project_id, event, self.client_id)
+            d.addCallback(self.shared.time_event, received)  # event latency
             d.addErrback(self._failed, op)
             return
         assert op is not None and self.user_id is not None  # parse and join ensure both
@@ -433,8 +431,8 @@ class Session(SessionBase):
         def accepted(seq: int) -> None:
             self.send(text_frame(messages.ack(op, project_id, seq, self._now_ms())))
 
-        d = self.bus.append(project_id, event, self.client_id, (self.user_id, op))
-        d.addCallback(self.time_event, received)  # event latency
+        d = self.shared.bus.append(project_id, event, self.client_id, (self.user_id, op))
+        d.addCallback(self.shared.time_event, received)  # event latency
         d.addCallbacks(accepted, self._failed, errbackArgs=(op,))
 
 

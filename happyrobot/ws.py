@@ -35,7 +35,7 @@ from happyrobot.framing import SharedDeflate, split_text_frames, text_frame
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import autobahn as seam
-from happyrobot.session import CLOSE_POLICY_VIOLATION, EchoSession, Session
+from happyrobot.session import CLOSE_POLICY_VIOLATION, EchoSession, Session, Shared
 from happyrobot.timers import cancel_if_active
 from happyrobot.writer import SocketWriter, TurnFlusher
 
@@ -171,10 +171,8 @@ class CollabProtocol(WebSocketServerProtocol):
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.session = self.session_class(
-                self.client_id, writer, f.clock, self.start_close, self._cut_off,
-                config=f.config, registry=f.registry, bus=f.bus, metrics=f.metrics,
-                cut_off_log=f.cut_off_log, verifier=f.verifier, authorizer=f.authorizer,
-                identity=self._identity, time_event=f.flusher.time_event,
+                self.client_id, writer, self.start_close, self._cut_off, f.shared,
+                self._identity,
             )
             f.connections[self.client_id] = self
             log.info("{client_id} connected", client_id=self.client_id)
@@ -426,13 +424,15 @@ class CollabFactory(WebSocketServerFactory):
         self.connections = {} if connections is None else connections
         self.metrics = Metrics(clock) if metrics is None else metrics
         self.flusher = TurnFlusher(clock, self.metrics.turn_flushed) if flusher is None else flusher
-        #: At most one warning every 10 s about clients cut off for flooding.
-        self.cut_off_log = logs.Throttle(10.0, clock)
+        #: What every connection's session shares; at most one warning
+        #: every 10 s about clients cut off for flooding.
+        self.shared = Shared(
+            clock, config, self.metrics, registry, bus, logs.Throttle(10.0, clock),
+            verifier, authorizer, self.flusher.time_event,
+        )
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip
         )
-        self.verifier = verifier
-        self.authorizer = authorizer
         self.http_pool = http_pool
         self.started_at = clock.seconds()
         #: Set on shutdown: /health answers 503 and new handshakes are refused.
@@ -473,6 +473,20 @@ class CollabFactory(WebSocketServerFactory):
         #: built by this factory, so it shares everything with ``/ws``.
         self.echo_protocol = cast(
             "type[CollabProtocol]", seam.bind_options(self, EchoProtocol))
+
+    @property
+    def verifier(self) -> auth.TokenVerifier | None:
+        """The session-token verifier, when a JWT key is configured."""
+        return self.shared.verifier
+
+    @verifier.setter
+    def verifier(self, verifier: auth.TokenVerifier | None) -> None:
+        self.shared.verifier = verifier
+
+    @property
+    def authorizer(self) -> auth.ProjectAuthorizer | None:
+        """The project authorizer, when PROJECT_AUTH_URL is set."""
+        return self.shared.authorizer
 
     def echo_endpoint(self) -> Any:
         """What C{WebSocketResource} needs to serve ``/echo`` from this factory."""

@@ -308,12 +308,9 @@ class ExpiryTests(SynchronousTestCase):
 
     def setup_pair(self) -> InMemoryPair:
         pair = InMemoryPair(self, Config(ping_interval_seconds=0, presence_window_seconds=0))
+        # The pair's connection opened already: its session shares the
+        # factory's collaborators, the verifier set now included.
         pair.factory.verifier = verifier(leeway_seconds=5)
-        # The pair's connection opened before the verifier was set: its
-        # session took the factory's collaborators as they were then.
-        for proto in pair.factory.connections.values():
-            assert proto.session is not None
-            proto.session.verifier = pair.factory.verifier
         pair.clock.advance(1000)
         return pair
 

@@ -22,7 +22,7 @@ from happyrobot.framing import binary_frame, text_frame
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.rooms import RoomRegistry
-from happyrobot.session import MAX_BACKLOG, EchoSession, Session
+from happyrobot.session import MAX_BACKLOG, EchoSession, Session, Shared
 
 
 def _payload(frame: bytes) -> bytes:
@@ -94,12 +94,14 @@ class _Server:
     def session(self, client_id: str = "c1", cls: type[Session] = Session,
                 **kw: Any) -> tuple[Session, _Writer]:
         writer = _Writer()
+        shared = Shared(
+            self.clock, self.config, self.metrics, self.registry, self.bus, self.cut_off_log,
+            **{k: v for k, v in {**self.kw, **kw}.items() if k != "identity"},
+        )
         session = cls(
-            client_id, writer, self.clock,
+            client_id, writer,
             lambda code, reason: self.closes.append((client_id, code, reason)),
-            lambda: self.cut_offs.append(client_id),
-            config=self.config, registry=self.registry, bus=self.bus, metrics=self.metrics,
-            cut_off_log=self.cut_off_log, **{**self.kw, **kw},
+            lambda: self.cut_offs.append(client_id), shared, kw.get("identity"),
         )
         return session, writer
 

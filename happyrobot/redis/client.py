@@ -21,7 +21,6 @@ the txredisapi version, if an upgrade removed it:
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService
@@ -76,10 +75,12 @@ def check() -> None:
                 missing += [f"RedisProtocol().{a}" for a in ("_ready", "replyQueue")
                             if not hasattr(proto, a)]
     if missing:
+        import importlib.metadata  # only when the check fails: a dozen modules of its own
+
         version = importlib.metadata.version("txredisapi")
         raise TxredisapiChanged(
             f"txredisapi {version} lacks {', '.join(missing)}; happyrobot needs "
-            "txredisapi>=1.4.10,<2 as setup.py declares"
+            "txredisapi>=1.6.0,<2 as setup.py declares"
         )
 
 

@@ -37,9 +37,9 @@ from typing import Any
 import autobahn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import succeed
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from happyrobot.seams import Unsupported
@@ -93,6 +93,38 @@ _HANDSHAKE = (
 )
 
 
+class _MemoryTransport:
+    """The least of a TCP transport that Autobahn uses to open a connection."""
+
+    disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    getHost = getPeer
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
 def _open_in_memory(protocol: type) -> Any:
     """A connection of C{protocol} through its opening handshake."""
     factory = WebSocketServerFactory(reactor=Clock())  # no timers, no global reactor
@@ -100,7 +132,7 @@ def _open_in_memory(protocol: type) -> Any:
                                autoPingInterval=0)
     proto: Any = protocol()
     proto.factory = factory
-    proto.transport = StringTransport()
+    proto.transport = _MemoryTransport()
     proto.connectionMade()
     proto.dataReceived(_HANDSHAKE)
     return proto
