@@ -30,9 +30,9 @@ INTERNALS = {
     # Autobahn
     "_dataReceived", "_cancelAutoPingTimeoutCall", "_invalid_payload", "_perMessageCompress",
     "current_frame", "inside_message", "send_queue", "wasNotCleanReason", "is_closed",
-    "CONFIG_ATTRS",
+    "CONFIG_ATTRS", "autoPingTimeoutCall", "autoPingRestartOnAnyTraffic",
     # Twisted
-    "_raiseSynchronously", "allContentReceived", "requestDone",
+    "_raiseSynchronously", "allContentReceived", "requestDone", "handleContentChunk",
     # txredisapi
     "_ready", "replyReceived",
 }
