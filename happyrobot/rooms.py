@@ -13,7 +13,7 @@ L{happyrobot.writer.SocketWriter}s in the server.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -224,7 +224,7 @@ class RoomRegistry:
             self._announce(room)
         return True
 
-    def member_changed(self, project_ids: list[str] | set[str]) -> None:
+    def member_changed(self, project_ids: Iterable[str]) -> None:
         """A member of these rooms changed its user: re-announce presence."""
         for project_id in project_ids:
             room = self._rooms.get(project_id)

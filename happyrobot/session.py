@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from types import MappingProxyType
+from typing import AbstractSet, Any, Callable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -40,6 +41,21 @@ log = logs.get_logger(__name__)
 CLOSE_POLICY_VIOLATION = 1008
 #: Frames a client may send while one of its requests waits on the back end.
 MAX_BACKLOG = 64
+
+
+#: A session's rooms and user info until it has some: shared, not made per connection.
+_NO_ROOMS: frozenset[str] = frozenset()
+_NO_INFO: Mapping[str, str] = MappingProxyType({})
+
+
+class Connection(Protocol):
+    """What a session asks of its connection."""
+
+    def start_close(self, code: int, reason: str) -> None:
+        """Start closing with a close code and reason; nothing more is sent after."""
+
+    def cut_off(self) -> None:
+        """Close with 1008 and stop reading at once (a client that floods)."""
 
 
 def _untimed(result: Any, received_at: float) -> Any:
@@ -85,28 +101,25 @@ class SessionBase:
         started closing (L{closing}), after which nothing more is answered.
     """
 
-    __slots__ = ("client_id", "writer", "shared", "close", "cut_off", "open", "_busy",
+    __slots__ = ("client_id", "writer", "shared", "connection", "open", "_busy",
                  "_backlog", "_bucket", "__weakref__")
 
     def __init__(
         self,
         client_id: str,
         writer: Writer,
-        close: Callable[[int, str], None],
-        cut_off: Callable[[], None],
+        connection: Connection,
         shared: Shared,
     ) -> None:
         """
         @param writer: where this connection's frames go.
-        @param close: starts closing the connection with a close code and reason.
-        @param cut_off: closes it with 1008 and stops reading from it at once.
+        @param connection: closes the connection.
         @param shared: the server's collaborators.
         """
         self.client_id = client_id
         self.writer = writer
         self.shared = shared
-        self.close = close
-        self.cut_off = cut_off
+        self.connection = connection
         self.open = True
         #: The request the messages that come in now wait for, if any.
         self._busy: Deferred[None] | None = None
@@ -148,7 +161,7 @@ class SessionBase:
                 self._backlog = deque()
             elif len(self._backlog) >= MAX_BACKLOG:
                 log.warn("{client_id} sent too much while waiting", client_id=self.client_id)
-                self.close(CLOSE_POLICY_VIOLATION, "Too many messages while busy")
+                self.connection.start_close(CLOSE_POLICY_VIOLATION, "Too many messages while busy")
                 return
             self._backlog.append((payload, is_binary))
             return
@@ -177,7 +190,7 @@ class SessionBase:
         if n:
             log.warn("{client_id} kept sending past its rate limit; closed with 1008 "
                      "({n} such clients since the last such line)", client_id=self.client_id, n=n)
-        self.cut_off()
+        self.connection.cut_off()
 
     def _handle(self, payload: bytes, is_binary: bool) -> None:
         """Handle one message, in order and within the rate limit."""
@@ -223,17 +236,17 @@ class Session(SessionBase):
         self,
         client_id: str,
         writer: Writer,
-        close: Callable[[int, str], None],
-        cut_off: Callable[[], None],
+        connection: Connection,
         shared: Shared,
         identity: auth.Identity | None = None,
     ) -> None:
         """@param identity: one verified before the session began (a URL token)."""
-        SessionBase.__init__(self, client_id, writer, close, cut_off, shared)
-        self.projects: set[str] = set()
+        SessionBase.__init__(self, client_id, writer, connection, shared)
+        #: The rooms this session is in (a set of its own from the first join).
+        self.projects: AbstractSet[str] = _NO_ROOMS
         self.user_id: str | None = None
         self.initials = ""
-        self._user_info: dict[str, str] = {}
+        self._user_info: Mapping[str, str] = _NO_INFO
         self._identity: auth.Identity | None = None
         self._expiry: IDelayedCall | None = None
         if identity is not None:
@@ -246,7 +259,16 @@ class Session(SessionBase):
         self._expiry = None
         for project_id in list(self.projects):
             self.shared.registry.leave(project_id, self)
-        self.projects.clear()
+        self.projects = _NO_ROOMS
+
+    def _rooms(self) -> set[str]:
+        """L{projects} as a set this session may change (made at the first join)."""
+        projects = self.projects
+        if isinstance(projects, set):
+            return projects
+        rooms: set[str] = set()
+        self.projects = rooms
+        return rooms
 
     def _handle(self, payload: bytes, is_binary: bool) -> None:
         msg = None
@@ -326,7 +348,7 @@ class Session(SessionBase):
     def _token_expired(self) -> None:
         self._expiry = None
         log.info("{client_id}: session token expired; closing", client_id=self.client_id)
-        self.close(CLOSE_POLICY_VIOLATION, "Session token expired")
+        self.connection.start_close(CLOSE_POLICY_VIOLATION, "Session token expired")
 
     # ------------------------------------------------------------ rooms
 
@@ -375,7 +397,7 @@ class Session(SessionBase):
     def _join(self, project_id: str, since: int | None = None) -> Deferred[None] | None:
         if not self.open:
             return None  # closed while the back end was answering
-        self.projects.add(project_id)
+        self._rooms().add(project_id)
         registry = self.shared.registry
         if since is None:
             registry.join(project_id, self)
@@ -400,7 +422,7 @@ class Session(SessionBase):
             # and answer with the error (UNAVAILABLE while Redis is down), so
             # the client joins again later.
             if project_id in self.projects:
-                self.projects.discard(project_id)
+                self._rooms().discard(project_id)
                 registry.leave(project_id, self)
             return failure
 
@@ -408,7 +430,7 @@ class Session(SessionBase):
 
     def _on_leave(self, msg: messages.LeaveProject) -> None:
         if msg.project_id in self.projects:
-            self.projects.discard(msg.project_id)
+            self._rooms().discard(msg.project_id)
             self.shared.registry.leave(msg.project_id, self)
 
     def _on_relay(self, msg: messages.Relay) -> None:

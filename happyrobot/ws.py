@@ -171,7 +171,7 @@ class CollabProtocol(WebSocketServerProtocol):
             now_ms = int(now * 1000)
             self.client_id = new_client_id(now_ms)
             self.session = self.session_class(
-                self.client_id, writer, self.start_close, self._cut_off, f.shared,
+                self.client_id, writer, self, f.shared,
                 self._identity,
             )
             f.connections[self.client_id] = self
@@ -254,7 +254,7 @@ class CollabProtocol(WebSocketServerProtocol):
         if not seam.is_open(self):
             self._stop_sending()
 
-    def _cut_off(self) -> None:
+    def cut_off(self) -> None:
         """
         Close an abusive client with 1008 and stop reading from it at once:
         waiting for its close reply would mean parsing its flood meanwhile

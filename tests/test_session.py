@@ -98,11 +98,16 @@ class _Server:
             self.clock, self.config, self.metrics, self.registry, self.bus, self.cut_off_log,
             **{k: v for k, v in {**self.kw, **kw}.items() if k != "identity"},
         )
-        session = cls(
-            client_id, writer,
-            lambda code, reason: self.closes.append((client_id, code, reason)),
-            lambda: self.cut_offs.append(client_id), shared, kw.get("identity"),
-        )
+        server = self
+
+        class Connection:
+            def start_close(self, code: int, reason: str) -> None:
+                server.closes.append((client_id, code, reason))
+
+            def cut_off(self) -> None:
+                server.cut_offs.append(client_id)
+
+        session = cls(client_id, writer, Connection(), shared, kw.get("identity"))
         return session, writer
 
 
