@@ -14,7 +14,7 @@ import {
 } from "../../happyrobot/static/client.js";
 import DefaultClient from "../../happyrobot/static/client.js";
 
-// Clerk's getToken(), from useAuth(), in a Next.js app.
+// A session token source, as Clerk's getToken() (from useAuth()) in a Next.js app.
 declare function getToken(): Promise<string | null>;
 
 // docs/clients.md: begin
@@ -24,7 +24,7 @@ interface Task {
 }
 
 const client = new HappyRobotClient("wss://rt.example.com/ws", {
-  token: () => getToken(), // called before every (re)connection
+  token: () => getToken(), // e.g. Clerk's; called before every (re)connection
   userInfo: { firstName: "Ann", lastName: "Lee" },
 });
 client.on("state", (event) => {
@@ -33,15 +33,17 @@ client.on("state", (event) => {
 client.on("USER_PRESENCE", (m) => console.log(m.payload.activeUsers.map((u) => u.initials)));
 client.on("ERROR", (m) => console.warn(m.code, m.error));
 client.on("TASK_UPDATE", (m: RoomEvent<"TASK_UPDATE", Task>) => console.log(m.payload?.title, m.seq));
-client.on("rejoin", ({ projectId, since }) => console.log("rejoined", projectId, "after", since));
+client.on("rejoin", ({ projectId, since }) => console.log("reload", projectId, "after", since));
 client.connect();
 client.join("p1");
-const task: Task = { id: "t1", title: "Renamed" };
-try {
-  const { ack } = await client.send("TASK_UPDATE", "p1", task);
-  console.log("stored as", ack?.seq);
-} catch (error) {
-  console.warn("not sent:", (error as SendError).code);
+
+export async function renameTask(task: Task): Promise<void> {
+  try {
+    const { ack } = await client.send("TASK_UPDATE", "p1", task);
+    console.log("stored as", ack?.seq);
+  } catch (error) {
+    console.warn("not sent:", (error as SendError).code);
+  }
 }
 // docs/clients.md: end
 
