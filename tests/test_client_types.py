@@ -5,9 +5,9 @@ docs/clients.md shows it and refuses every line of a file of wrong uses;
 and the declarations name what ``client.js`` and the protocol define.
 
 TypeScript comes from npm, pinned in ``tests/typescript/package.json`` and
-installed with ``npm ci`` from its lock file when it is missing, as the
-browser test installs playwright-core.  When that is impossible the test
-fails, naming what to install; it never skips.
+installed with ``npm ci`` from its lock file when it is missing (and Node.js
+with apt-get, as root), as the browser test installs playwright-core.  When
+that is impossible the test fails, naming what to install; it never skips.
 """
 
 from __future__ import annotations
@@ -62,10 +62,17 @@ class TypeCheckTests(TestCase):
 
     async def _tsc(self, project: str) -> tuple[int, str]:
         """Run ``tsc -p <project>`` in tests/typescript, installing TypeScript first if needed."""
+        apt = shutil.which("apt-get")
+        if not (shutil.which("node") and shutil.which("npm")):
+            if os.geteuid() != 0 or apt is None:
+                self.fail("node and npm are missing and cannot be installed here (needs root "
+                          "and apt-get): install the Debian packages nodejs and npm")
+            code, output = await _run([apt, "install", "-y", "-qq", "nodejs", "npm"])
+            if code != 0:
+                self.fail(f"could not install nodejs and npm (exit {code}):\n{output[-2000:]}")
         node, npm = shutil.which("node"), shutil.which("npm")
         if node is None or npm is None:
-            self.fail("node and npm are missing: install Node.js (the Debian packages nodejs "
-                      "and npm), which the TypeScript check needs")
+            self.fail("node and npm are still missing after apt-get install nodejs npm")
         if _installed_version() != _pinned_version():
             argv = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
             code, output = await _run(argv, TYPESCRIPT_DIR)
