@@ -182,23 +182,29 @@ def _json_later(request: Request, body: Deferred[Any]) -> bytes | int:
 
 
 @functools.cache
-def _client_script() -> tuple[bytes, bytes]:
-    """The browser client's bytes (package data) and their entity tag, read once."""
-    body = resources.files("happyrobot").joinpath("static/client.js").read_bytes()
+def _static_file(name: str) -> tuple[bytes, bytes]:
+    """A file of the package's ``static/`` (package data) and its entity tag, read once."""
+    body = resources.files("happyrobot").joinpath("static", name).read_bytes()
     return body, b'"' + hashlib.sha256(body).hexdigest()[:20].encode("ascii") + b'"'
 
 
-class ClientScript(Endpoint):
+class ClientFile(Endpoint):
     """
     ``GET /client.js``: the browser client, an ES module (docs/clients.md,
-    "Browser client").  CORS as on every resource, since browsers fetch module
-    scripts in CORS mode; cached for a few minutes, then revalidated by
-    its ETag, so a new server version reaches browsers soon.
+    "Browser client"), and ``GET /client.d.ts``: its TypeScript declarations.
+    CORS as on every resource, since browsers fetch module scripts in CORS
+    mode; cached for a few minutes, then revalidated by its ETag, so a new
+    server version reaches browsers soon.
     """
 
+    def __init__(self, factory: CollabFactory, name: str, content_type: bytes) -> None:
+        super().__init__(factory)
+        self.name = name
+        self.content_type = content_type
+
     def render_GET(self, request: Request) -> bytes:
-        body, etag = _client_script()
-        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        body, etag = _static_file(self.name)
+        request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"public, max-age=300")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"etag", etag)
@@ -390,7 +396,13 @@ class Root(Resource):
         self.putChild(b"health", Health(factory))
         self.putChild(b"stats", Stats(factory))
         self.putChild(b"broadcast", BroadcastEndpoint(factory))
-        self.putChild(b"client.js", ClientScript(factory))
+        self.putChild(
+            b"client.js", ClientFile(factory, "client.js", b"text/javascript; charset=utf-8")
+        )
+        self.putChild(
+            b"client.d.ts",
+            ClientFile(factory, "client.d.ts", b"application/typescript; charset=utf-8"),
+        )
         self.putChild(b"metrics", MetricsEndpoint(factory))
         self.putChild(b"dashboard", Dashboard(factory))
         if factory.config.conformance_echo:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from happyrobot.web import _client_script
+from happyrobot.web import _static_file
 from tests.helpers import REPO_ROOT, ServerTestCase
 
 
@@ -221,42 +221,73 @@ class CorsAndRoutingTests(ServerTestCase):
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
 
 
-def _client_js_in_repository() -> bytes:
-    """The checkout's happyrobot/static/client.js."""
-    with open(os.path.join(REPO_ROOT, "happyrobot", "static", "client.js"), "rb") as f:
+def _in_repository(name: str) -> bytes:
+    """The checkout's happyrobot/static/<name>."""
+    with open(os.path.join(REPO_ROOT, "happyrobot", "static", name), "rb") as f:
         return f.read()
 
 
 class ClientScriptTests(ServerTestCase):
     """GET /client.js: the browser client, served from the package data."""
 
-    async def test_serves_the_module(self) -> None:
-        """/client.js is the repository's static/client.js as JavaScript, with CORS and caching."""
+    name = "client.js"
+    content_type = "text/javascript; charset=utf-8"
+    marker = b"export class HappyRobotClient"
+
+    async def test_serves_the_file(self) -> None:
+        """The path serves the repository's static file with its type, CORS and caching."""
         self.start_server()
         code, body, headers = await self.http(
-            "GET", "/client.js", headers={"origin": "http://localhost:3000"})
+            "GET", f"/{self.name}", headers={"origin": "http://localhost:3000"})
         self.assertEqual(code, 200)
-        self.assertEqual(body, _client_js_in_repository())
-        self.assertIn(b"export class HappyRobotClient", body)
-        self.assertEqual(headers.getRawHeaders("content-type"), ["text/javascript; charset=utf-8"])
+        self.assertEqual(body, _in_repository(self.name))
+        self.assertIn(self.marker, body)
+        self.assertEqual(headers.getRawHeaders("content-type"), [self.content_type])
         self.assertEqual(headers.getRawHeaders("access-control-allow-origin"),
                          ["http://localhost:3000"])
+        self.assertEqual(headers.getRawHeaders("access-control-allow-credentials"), ["true"])
+        self.assertEqual(headers.getRawHeaders("vary"), ["Origin"])
         self.assertEqual(headers.getRawHeaders("cache-control"), ["public, max-age=300"])
-        self.assertEqual(headers.getRawHeaders("etag"), [_client_script()[1].decode()])
+        self.assertEqual(headers.getRawHeaders("x-content-type-options"), ["nosniff"])
+        self.assertEqual(headers.getRawHeaders("etag"), [_static_file(self.name)[1].decode()])
 
     async def test_not_modified(self) -> None:
         """A request with the current ETag in If-None-Match gets 304 and no body."""
         self.start_server()
-        _, _, headers = await self.http("GET", "/client.js")
+        _, _, headers = await self.http("GET", f"/{self.name}")
         etag = headers.getRawHeaders("etag")[0]
-        code, body, _ = await self.http("GET", "/client.js", headers={"if-none-match": etag})
+        code, body, _ = await self.http("GET", f"/{self.name}", headers={"if-none-match": etag})
         self.assertEqual((code, body), (304, None))
 
     async def test_head_and_wrong_method(self) -> None:
         """HEAD answers without a body; POST gets the JSON 405."""
         self.start_server()
-        code, body, _ = await self.http("HEAD", "/client.js")
+        code, body, _ = await self.http("HEAD", f"/{self.name}")
         self.assertEqual((code, body), (200, None))
-        code, body, headers = await self.http("POST", "/client.js", {})
+        code, body, headers = await self.http("POST", f"/{self.name}", {})
         self.assertEqual(code, 405)
         self.assertEqual(headers.getRawHeaders("allow"), ["GET, OPTIONS"])
+
+    async def test_below_is_not_found(self) -> None:
+        """A path below the file is a JSON 404."""
+        self.start_server()
+        code, body, _ = await self.http("GET", f"/{self.name}/more")
+        self.assertEqual((code, body), (404, {"error": "Not found"}))
+
+
+class ClientTypesTests(ClientScriptTests):
+    """GET /client.d.ts: the client's TypeScript declarations, served like /client.js."""
+
+    name = "client.d.ts"
+    content_type = "application/typescript; charset=utf-8"
+    marker = b"export declare class HappyRobotClient"
+
+    async def test_own_etag(self) -> None:
+        """The declarations have an entity tag of their own: /client.js's does not match them."""
+        self.start_server()
+        _, _, script = await self.http("GET", "/client.js")
+        etag = script.getRawHeaders("etag")[0]
+        code, body, headers = await self.http(
+            "GET", "/client.d.ts", headers={"if-none-match": etag})
+        self.assertEqual((code, body), (200, _in_repository("client.d.ts")))
+        self.assertNotEqual(headers.getRawHeaders("etag"), [etag])
