@@ -13,16 +13,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Build from a directory of its own: the runtime working directory (/app)
 # then holds no source tree that could shadow the installed package.
-# setup.py reads README.md, so it is part of the build context.
+# pyproject.toml names README.md (the description) and LICENSE (shipped in
+# the package's metadata), so they are part of the build.
 WORKDIR /src
-COPY setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
+COPY constraints/locked.txt constraints/
 COPY happyrobot/ happyrobot/
 COPY twisted/ twisted/
 
-# Install, then rebuild Twisted's plugin cache (twisted/plugins/dropin.cache)
-# as root: the non-root user could not write it at run time, and twistd would
-# log an "Unable to write to plugin cache" warning on every start.
-RUN pip install --no-cache-dir . \
+# Install at the versions the tests passed with (constraints/locked.txt),
+# then rebuild Twisted's plugin cache (twisted/plugins/dropin.cache) as root:
+# the non-root user could not write it at run time, and twistd would log an
+# "Unable to write to plugin cache" warning on every start.
+RUN pip install --no-cache-dir -c constraints/locked.txt . \
  && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 RUN useradd --system --user-group --uid 10001 --home-dir /app --shell /usr/sbin/nologin happyrobot \

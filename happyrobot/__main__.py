@@ -29,7 +29,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
-from happyrobot import logs
+from happyrobot import __version__, logs
 
 log = logs.get_logger(__name__)
 
@@ -57,6 +57,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "watch a project room, or publish an event into one.",
         epilog="Exit codes: 0 done, 1 failure (one line on stderr), 2 usage error.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tail = commands.add_parser(

@@ -76,6 +76,13 @@ class Options(usage.Options):
         # Unset, the key stays absent and CONFORMANCE_ECHO decides.
         self["conformance-echo"] = "true"
 
+    def opt_version(self) -> None:
+        """Print the version of happyrobot and exit"""
+        from happyrobot import __version__
+
+        print(f"happyrobot {__version__}")
+        raise SystemExit(0)
+
     def config(self) -> Config:
         """
         The settings from these options, the environment and the env file.

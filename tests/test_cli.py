@@ -18,6 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import __main__ as cli
+from happyrobot import __version__
 from happyrobot.tap import DrainService
 from tests.helpers import REPO_ROOT, ServerTestCase, free_port
 
@@ -107,6 +108,15 @@ class ParseArgsTests(SynchronousTestCase):
         self.assertEqual(raised.exception.code, 0)
         self.assertIn("tail", out.getvalue())
         self.assertIn("publish", out.getvalue())
+
+    def test_version(self) -> None:
+        """--version prints the package's version and exits with 0."""
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as raised:
+            cli.parse_args(["--version"], environ={})
+        self.assertEqual(raised.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"happyrobot {__version__}\n")
 
     def test_ws_url(self) -> None:
         """http(s) URLs given to tail mean the matching ws(s) URL."""

@@ -34,7 +34,7 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(
             str(e),
             "autobahn 24.4.2 lacks Bare._dataReceived, which happyrobot relies on; "
-            "install a version in setup.py's range",
+            "install a version in pyproject.toml's range",
         )
         self.assertNotIn("\n", str(e))
 

@@ -67,7 +67,7 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(
             str(e),
             f"Twisted {twisted_version} lacks {what}, which happyrobot relies on; "
-            "install a version in setup.py's range",
+            "install a version in pyproject.toml's range",
         )
 
     def test_missing_raise_synchronously(self) -> None:
@@ -100,7 +100,7 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(
             str(e),
             f"happyrobot-ws: Twisted {twisted_version} lacks HTTPChannel.requests, "
-            "which happyrobot relies on; install a version in setup.py's range",
+            "which happyrobot relies on; install a version in pyproject.toml's range",
         )
         self.assertEqual(reactor.tcpServers, [])
 

@@ -80,7 +80,7 @@ def check() -> None:
         version = importlib.metadata.version("txredisapi")
         raise TxredisapiChanged(
             f"txredisapi {version} lacks {', '.join(missing)}; happyrobot needs "
-            "txredisapi>=1.6.0,<2 as setup.py declares"
+            "txredisapi>=1.6.0,<2 as pyproject.toml declares"
         )
 
 

@@ -80,7 +80,7 @@ def check(protocol: type = WebSocketServerProtocol, version: str = autobahn.__ve
     if missing:
         raise Unsupported(
             f"autobahn {version} lacks {protocol.__name__}.{missing[0]}, which happyrobot "
-            f"relies on; install a version in setup.py's range"
+            f"relies on; install a version in pyproject.toml's range"
         )
     _checked.add(protocol)
 

@@ -34,7 +34,7 @@ from happyrobot.seams import Unsupported
 def _lacks(what: str) -> Unsupported:
     return Unsupported(
         f"Twisted {twisted_version} lacks {what}, which happyrobot relies on; "
-        "install a version in setup.py's range"
+        "install a version in pyproject.toml's range"
     )
 
 
