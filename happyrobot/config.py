@@ -6,11 +6,14 @@ mappings, so it is tested without touching the real environment.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import IO, Callable, Mapping
 from urllib.parse import unquote, urlsplit
+
+from dotenv import dotenv_values
 
 LOG_LEVELS = ("error", "warn", "info", "debug")
 
@@ -170,29 +173,23 @@ class Config:
         return "*" in self.allowed_origins or origin in self.allowed_origins
 
 
+def read_dotenv(stream: IO[str]) -> dict[str, str]:
+    """
+    The settings of a ``.env`` file, read by python-dotenv (the parser of
+    Node's dotenv, which the original server used, in Python): comments,
+    ``export``, single and double quotes, escapes in double quotes and
+    values spanning lines (a PEM key) as those packages read them, and
+    ``${VAR}`` kept as written.  A line python-dotenv cannot parse is
+    skipped, with its warning.  A name without ``=`` counts as unset, as an
+    empty value does: it is left out.
+    """
+    values = dotenv_values(stream=stream, interpolate=False)
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def parse_dotenv(text: str) -> dict[str, str]:
-    """
-    Read ``KEY=value`` lines as the dotenv packages do: blank lines and
-    ``#`` comments are skipped, ``export`` is allowed, and matching single
-    or double quotes around a value are removed.
-    """
-    result = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            continue
-        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
-            value = value[1 : value.find(value[0], 1)]  # anything after the quote is a comment
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        result[key] = value
-    return result
+    """L{read_dotenv} of the text of a ``.env`` file."""
+    return read_dotenv(io.StringIO(text))
 
 
 def _number(env: str, value: str, minimum: float, integer: bool = False) -> float:
