@@ -410,6 +410,18 @@ def load_config(
     return _fitted(Config(**values), values)  # type: ignore[arg-type]
 
 
+#: The settings whose default, left unset, is fitted to another setting
+#: (L{_fitted}); written out, even with the default, a value is checked
+#: against that setting instead.  For each: what the default becomes, and
+#: the check.  env.example leaves them commented out.
+FITTED = {
+    "HISTORY_MAX_BYTES": ("HISTORY_TOTAL_BYTES if that is smaller",
+                          "must not exceed HISTORY_TOTAL_BYTES"),
+    "DRAIN_WINDOW_SECONDS": ("half of SHUTDOWN_TIMEOUT if that is shorter",
+                             "must be below SHUTDOWN_TIMEOUT (or be 0)"),
+}
+
+
 def _fitted(config: Config, given: Mapping[str, object]) -> Config:
     """
     The settings bounded by another: left unset, the default fits within
