@@ -7,6 +7,7 @@ mappings, so it is tested without touching the real environment.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -173,18 +174,43 @@ class Config:
         return "*" in self.allowed_origins or origin in self.allowed_origins
 
 
-def read_dotenv(stream: IO[str]) -> dict[str, str]:
+def read_dotenv(stream: IO[str], warn: Callable[[str], None] | None = None) -> dict[str, str]:
     """
     The settings of a ``.env`` file, read by python-dotenv (the parser of
     Node's dotenv, which the original server used, in Python): comments,
     ``export``, single and double quotes, escapes in double quotes and
     values spanning lines (a PEM key) as those packages read them, and
-    ``${VAR}`` kept as written.  A line python-dotenv cannot parse is
-    skipped, with its warning.  A name without ``=`` counts as unset, as an
+    ``${VAR}`` kept as written.  A name without ``=`` counts as unset, as an
     empty value does: it is left out.
+
+    A statement python-dotenv cannot parse is skipped; its warning (the
+    line where it starts) goes to C{warn} when given, else to
+    python-dotenv's own C{logging} logger.
     """
-    values = dotenv_values(stream=stream, interpolate=False)
+    if warn is None:
+        values = dotenv_values(stream=stream, interpolate=False)
+    else:
+        logger = logging.getLogger("dotenv.main")
+        relay = _Relay(warn)
+        logger.addHandler(relay)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            values = dotenv_values(stream=stream, interpolate=False)
+        finally:
+            logger.propagate = propagate
+            logger.removeHandler(relay)
     return {key: value for key, value in values.items() if value is not None}
+
+
+class _Relay(logging.Handler):
+    """Hands the messages of C{logging} records to a function."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._warn = warn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._warn(record.getMessage())
 
 
 def parse_dotenv(text: str) -> dict[str, str]:

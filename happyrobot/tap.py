@@ -89,7 +89,9 @@ class Options(usage.Options):
                 # Opened here, not by python-dotenv, which skips a missing
                 # file silently and would not give these error lines.
                 with open(path, encoding="utf-8") as f:
-                    dotenv = read_dotenv(f)
+                    dotenv = read_dotenv(f, lambda problem: log.warn(
+                        "--env-file {path}: {problem}; that statement is skipped",
+                        path=path, problem=problem))
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"--env-file {path}: {getattr(e, 'strerror', None) or e}") from None
         return load_config(self, self.environ, dotenv)

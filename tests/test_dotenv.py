@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import auth
@@ -93,6 +94,25 @@ class EnvFileTests(SynchronousTestCase):
              config.handshake_timeout_seconds, config.ping_interval_seconds),
             ("tcp:4700", "error", "development", 10.0, 10.0, 30.0),
         )
+
+    def test_unparseable_statement_logged(self) -> None:
+        """
+        A statement python-dotenv cannot parse is skipped with one warning in
+        the server's log naming the file and the line; the rest is read.
+        """
+        o = self.options(b"PORT=4800\nAPI_TOKEN=\"q\" junk\nLOG_LEVEL=debug\n")
+        with capturedLogs() as captured:
+            config = o.config()
+        self.assertEqual((config.port, config.api_token, config.log_level),
+                         ("tcp:4800", "", "debug"))
+        warnings = [e for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, captured)
+        self.assertEqual(
+            formatEvent(warnings[0]).replace("Python-dotenv", "python-dotenv"),
+            f"--env-file {o['env-file']}: python-dotenv could not parse statement starting "
+            "at line 2; that statement is skipped",
+        )
+        self.assertEqual(warnings[0]["log_namespace"], "happyrobot.tap")
 
     def test_not_utf8_one_line(self) -> None:
         """A file that is not UTF-8 stops start-up with one line naming the file."""
