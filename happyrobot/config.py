@@ -6,11 +6,15 @@ mappings, so it is tested without touching the real environment.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import IO, Callable, Mapping
 from urllib.parse import unquote, urlsplit
+
+from dotenv import dotenv_values
 
 LOG_LEVELS = ("error", "warn", "info", "debug")
 
@@ -170,29 +174,48 @@ class Config:
         return "*" in self.allowed_origins or origin in self.allowed_origins
 
 
+def read_dotenv(stream: IO[str], warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """
+    The settings of a ``.env`` file, read by python-dotenv (the parser of
+    Node's dotenv, which the original server used, in Python): comments,
+    ``export``, single and double quotes, escapes in double quotes and
+    values spanning lines (a PEM key) as those packages read them, and
+    ``${VAR}`` kept as written.  A name without ``=`` counts as unset, as an
+    empty value does: it is left out.
+
+    A statement python-dotenv cannot parse is skipped; its warning (the
+    line where it starts) goes to C{warn} when given, else to
+    python-dotenv's own C{logging} logger.
+    """
+    if warn is None:
+        values = dotenv_values(stream=stream, interpolate=False)
+    else:
+        logger = logging.getLogger("dotenv.main")
+        relay = _Relay(warn)
+        logger.addHandler(relay)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            values = dotenv_values(stream=stream, interpolate=False)
+        finally:
+            logger.propagate = propagate
+            logger.removeHandler(relay)
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class _Relay(logging.Handler):
+    """Hands the messages of C{logging} records to a function."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._warn = warn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._warn(record.getMessage())
+
+
 def parse_dotenv(text: str) -> dict[str, str]:
-    """
-    Read ``KEY=value`` lines as the dotenv packages do: blank lines and
-    ``#`` comments are skipped, ``export`` is allowed, and matching single
-    or double quotes around a value are removed.
-    """
-    result = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            continue
-        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
-            value = value[1 : value.find(value[0], 1)]  # anything after the quote is a comment
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        result[key] = value
-    return result
+    """L{read_dotenv} of the text of a ``.env`` file."""
+    return read_dotenv(io.StringIO(text))
 
 
 def _number(env: str, value: str, minimum: float, integer: bool = False) -> float:
@@ -411,6 +434,18 @@ def load_config(
         field, parse = _PARSERS[setting.env]
         values[field] = parse(str(raw))
     return _fitted(Config(**values), values)  # type: ignore[arg-type]
+
+
+#: The settings whose default, left unset, is fitted to another setting
+#: (L{_fitted}); written out, even with the default, a value is checked
+#: against that setting instead.  For each: what the default becomes, and
+#: the check.  env.example leaves them commented out.
+FITTED = {
+    "HISTORY_MAX_BYTES": ("HISTORY_TOTAL_BYTES if that is smaller",
+                          "must not exceed HISTORY_TOTAL_BYTES"),
+    "DRAIN_WINDOW_SECONDS": ("half of SHUTDOWN_TIMEOUT if that is shorter",
+                             "must be below SHUTDOWN_TIMEOUT (or be 0)"),
+}
 
 
 def _fitted(config: Config, given: Mapping[str, object]) -> Config:

@@ -25,7 +25,7 @@ from twisted.web.server import Site
 
 from happyrobot import auth, backend, logs, workers
 from happyrobot.bus import Bus, LocalBus
-from happyrobot.config import SETTINGS, Config, ConfigError, load_config, parse_dotenv
+from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus
@@ -93,8 +93,12 @@ class Options(usage.Options):
         path = self["env-file"]
         if path and (self._env_file_given or os.path.exists(path)):
             try:
+                # Opened here, not by python-dotenv, which skips a missing
+                # file silently and would not give these error lines.
                 with open(path, encoding="utf-8") as f:
-                    dotenv = parse_dotenv(f.read())
+                    dotenv = read_dotenv(f, lambda problem: log.warn(
+                        "--env-file {path}: {problem}; that statement is skipped",
+                        path=path, problem=problem))
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"--env-file {path}: {getattr(e, 'strerror', None) or e}") from None
         return load_config(self, self.environ, dotenv)

@@ -14,18 +14,26 @@ HEADER = """\
 # Happy Robot real-time server: every setting, with its default.
 # Copy to .env (read from the working directory, or the file named by
 # --env-file).  Precedence: command-line flag > process environment > .env > default.
-# An empty value counts as unset: the default applies.
+# An empty value counts as unset: the default applies.  Copied unchanged,
+# this file changes nothing: the settings whose default is fitted to another
+# setting are commented out.
 """
 TABLE_MARK = "<!-- The table below is generated from happyrobot/config.py SETTINGS. -->"
 
 
 def render_env_example() -> str:
     """The text of env.example."""
-    from happyrobot.config import SETTINGS
+    from happyrobot.config import FITTED, SETTINGS
 
     blocks = [HEADER]
     for s in SETTINGS:
-        blocks.append(f"# {s.help}\n{s.env}={s.default}\n")
+        if s.env in FITTED:
+            # Written out, even as the default, it would be checked instead of fitted.
+            fit, check = FITTED[s.env]
+            blocks.append(f"# {s.help}\n# Commented out: unset, it is {s.default} or {fit}; "
+                          f"a value given here {check}.\n# {s.env}=\n")
+        else:
+            blocks.append(f"# {s.help}\n{s.env}={s.default}\n")
     return "\n".join(blocks)
 
 

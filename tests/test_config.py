@@ -656,7 +656,10 @@ class OriginsTests(SynchronousTestCase):
 
 
 class ParseDotenvTests(SynchronousTestCase):
-    """L{parse_dotenv} reads KEY=value lines as the dotenv packages do."""
+    """
+    L{parse_dotenv} (python-dotenv's C{dotenv_values}) reads KEY=value lines
+    as the dotenv packages do.
+    """
 
     def test_simple(self) -> None:
         """KEY=value lines become a dict."""
@@ -700,15 +703,22 @@ class ParseDotenvTests(SynchronousTestCase):
         """A quoted empty value is empty."""
         self.assertEqual(parse_dotenv("A=\"\"\nB=''"), {"A": "", "B": ""})
 
-    def test_mismatched_quotes_kept(self) -> None:
-        """Quotes that do not match are left alone."""
-        self.assertEqual(parse_dotenv('A="x\'\nB="y'), {"A": "\"x'", "B": '"y'})
+    def test_unparseable_statement_skipped(self) -> None:
+        """
+        A statement python-dotenv cannot parse (an unclosed quote, text after
+        the closing quote) is skipped with its warning; the lines after it are read.
+        """
+        with self.assertLogs("dotenv.main", "WARNING") as logged:
+            self.assertEqual(parse_dotenv("A='x\nB=2\nC=\"q\" junk\nD=4"), {"B": "2", "D": "4"})
+        self.assertEqual(len(logged.records), 2)
+        self.assertIn("could not parse statement starting at line 1", logged.output[0])
+        self.assertIn("could not parse statement starting at line 3", logged.output[1])
 
     def test_inline_comment(self) -> None:
-        """' #' starts a comment after an unquoted value."""
+        """A '#' after a space or a tab starts a comment after an unquoted value."""
         self.assertEqual(
-            parse_dotenv("PORT=3004 # the port\nB=x\t#not-space"),
-            {"PORT": "3004", "B": "x\t#not-space"},
+            parse_dotenv("PORT=3004 # the port\nB=x\t#after a tab"),
+            {"PORT": "3004", "B": "x"},
         )
 
     def test_hash_without_space_kept(self) -> None:
@@ -727,8 +737,41 @@ class ParseDotenvTests(SynchronousTestCase):
         )
 
     def test_lines_without_equals_skipped(self) -> None:
-        """A line without '=' is ignored, and so is one without a key."""
-        self.assertEqual(parse_dotenv("JUSTAWORD\n=value\nexport\nA=1"), {"A": "1"})
+        """A name without '=' is left out (unset), and a line without a name is skipped."""
+        with self.assertLogs("dotenv.main", "WARNING") as logged:
+            self.assertEqual(parse_dotenv("JUSTAWORD\n=value\nexport\nA=1"), {"A": "1"})
+        self.assertIn("could not parse statement starting at line 2", logged.output[0])
+
+    def test_name_without_equals_is_unset(self) -> None:
+        """
+        python-dotenv reads a bare name as "no value": it counts as unset, as an
+        empty value does, so the default applies; being the later line, it
+        also unsets an earlier KEY=value of the file.
+        """
+        self.assertEqual(parse_dotenv("PORT"), {})
+        self.assertEqual(parse_dotenv("PORT=4200\nPORT\nLOG_LEVEL=debug"), {"LOG_LEVEL": "debug"})
+        self.assertEqual(load_config({}, {}, parse_dotenv("PORT\nSHUTDOWN_TIMEOUT")), Config())
+        self.assertEqual(load_config({}, {"PORT": "4300"}, parse_dotenv("PORT")).port, "tcp:4300")
+
+    def test_escaped_double_quotes(self) -> None:
+        """Inside double quotes, \\" is a quote: the value is not cut at it."""
+        self.assertEqual(parse_dotenv('A="x \\"y\\" z"'), {"A": 'x "y" z'})
+        self.assertEqual(load_config({}, {}, parse_dotenv('API_TOKEN="x \\"y\\" z"')).api_token,
+                         'x "y" z')
+
+    def test_escapes_in_double_quotes_only(self) -> None:
+        """\\n is a newline inside double quotes, and two characters inside single quotes."""
+        self.assertEqual(parse_dotenv("A=\"a\\nb\"\nB='a\\nb'"), {"A": "a\nb", "B": "a\\nb"})
+
+    def test_multiline_quoted_value(self) -> None:
+        """A quoted value may span lines; the lines after it are read as before."""
+        text = 'KEY="-----BEGIN X-----\nabc=\ndef==\n-----END X-----"\nPORT=4400\n'
+        self.assertEqual(parse_dotenv(text),
+                         {"KEY": "-----BEGIN X-----\nabc=\ndef==\n-----END X-----", "PORT": "4400"})
+
+    def test_no_interpolation(self) -> None:
+        """${VAR} is kept as written (a password may contain it), as the original server did."""
+        self.assertEqual(parse_dotenv("B=2\nA=x${B}y\nC=$B"), {"B": "2", "A": "x${B}y", "C": "$B"})
 
     def test_empty_value(self) -> None:
         """KEY= gives an empty value."""

@@ -8,7 +8,7 @@ import runpy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot.config import SETTINGS, Config, load_config, parse_dotenv
+from happyrobot.config import FITTED, SETTINGS, Config, ConfigError, load_config, parse_dotenv
 from tests.helpers import REPO_ROOT
 
 
@@ -31,6 +31,43 @@ class DocsTests(SynchronousTestCase):
         """Loading env.example as a .env file gives the default configuration."""
         self.assertEqual(load_config({}, {}, parse_dotenv(read("env.example"))), Config())
 
+    def test_env_example_changes_nothing(self) -> None:
+        """
+        With env.example as the .env file, every other setting gives what it
+        gives without one, or the same error: no line of it pins a default
+        that is otherwise fitted to another setting (SHUTDOWN_TIMEOUT=4 with
+        DRAIN_WINDOW_SECONDS=5 written out would refuse to start).
+        """
+        example = parse_dotenv(read("env.example"))
+        for environ in _VARIATIONS:
+            try:
+                without = load_config({}, environ, {})
+            except ConfigError as e:
+                error = self.assertRaises(ConfigError, load_config, {}, environ, example)
+                self.assertEqual(str(error), str(e), environ)
+            else:
+                self.assertEqual(load_config({}, environ, example), without, environ)
+            # The option, which wins over the environment, too.
+            options = {_OPTION[name]: value for name, value in environ.items()}
+            try:
+                without = load_config(options, {}, {})
+            except ConfigError:
+                self.assertRaises(ConfigError, load_config, options, {}, example)
+            else:
+                self.assertEqual(load_config(options, {}, example), without, options)
+
+    def test_fitted_settings_commented_out(self) -> None:
+        """The settings fitted to another are in env.example only as commented-out lines."""
+        lines = read("env.example").splitlines()
+        self.assertEqual(sorted(FITTED), ["DRAIN_WINDOW_SECONDS", "HISTORY_MAX_BYTES"])
+        for s in SETTINGS:
+            written = [line for line in lines if line.startswith(f"{s.env}=")]
+            if s.env in FITTED:
+                self.assertEqual(written, [], s.env)
+                self.assertIn(f"# {s.env}=", lines)
+            else:
+                self.assertEqual(written, [f"{s.env}={s.default}"], s.env)
+
     def test_readme_names_every_setting(self) -> None:
         """The README's configuration table names every variable and flag."""
         readme = read("README.md")
@@ -38,6 +75,29 @@ class DocsTests(SynchronousTestCase):
             self.assertIn(f"`{s.env}`", readme, s.env)
             self.assertIn(f"--{s.option}", readme, s.option)
 
+
+#: Environments (one or two settings each) under which env.example as .env
+#: must change nothing: other values of the settings the fitted defaults
+#: follow, and the fitted settings themselves.
+_VARIATIONS: list[dict[str, str]] = [
+    {"SHUTDOWN_TIMEOUT": "4"},
+    {"SHUTDOWN_TIMEOUT": "0"},
+    {"SHUTDOWN_TIMEOUT": "7.5"},
+    {"SHUTDOWN_TIMEOUT": "30"},
+    {"HISTORY_TOTAL_BYTES": "65536"},
+    {"HISTORY_TOTAL_BYTES": "1000000"},
+    {"HISTORY_TOTAL_BYTES": "1000000000"},
+    {"HISTORY_MAX_BYTES": "2000000"},
+    {"HISTORY_MAX_BYTES": "100000000"},
+    {"DRAIN_WINDOW_SECONDS": "8"},
+    {"DRAIN_WINDOW_SECONDS": "12"},
+    {"DRAIN_WINDOW_SECONDS": "3", "SHUTDOWN_TIMEOUT": "4"},
+    {"HISTORY_MAX_BYTES": "65536", "HISTORY_TOTAL_BYTES": "65536"},
+    {"SHUTDOWN_TIMEOUT": "4", "HISTORY_TOTAL_BYTES": "100000", "PORT": "4100"},
+]
+
+#: Each variable's option name.
+_OPTION = {s.env: s.option for s in SETTINGS}
 
 #: Files written for people who clone the repository.
 USER_DOCS = ("README.md", "CHANGELOG.md", "docs/PROTOCOL.md", "docs/operations.md", "docs/security.md",
