@@ -10,7 +10,7 @@ from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import logs
 from happyrobot.config import Config
-from happyrobot.tap import Options, build_factory, makeService
+from happyrobot.tap import Options, ServerService, StartupError, build_factory, makeService
 from happyrobot.web import make_site
 from tests.helpers import ServerTestCase
 
@@ -95,7 +95,7 @@ class OptionsTests(SynchronousTestCase):
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
         service = makeService(options(environ={"PORT": f"tcp:{port}:interface=127.0.0.1"}), reactor)
-        e = self.assertRaises(SystemExit, service.privilegedStartService)
+        e = self.assertRaises(StartupError, service.privilegedStartService)
         self.assertTrue(str(e.code).startswith("happyrobot-ws: PORT: "), e.code)
         self.assertIn(str(port), str(e.code))
         self.assertIn("Address already in use", str(e.code))
@@ -191,6 +191,45 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(str(e.code), "happyrobot-ws: JWT_PUBLIC_KEY is not a PEM public key or "
                                       "its path (no file '/nonexistent/key.pem', and not PEM text "
                                       "(-----BEGIN PUBLIC KEY-----...))")
+
+
+class StartupErrorTests(SynchronousTestCase):
+    """What stops start-up is one error type, which twistd reports with or without -n."""
+
+    def test_system_exit_and_exception(self) -> None:
+        """
+        A StartupError exits with its one line (a SystemExit's code) and is
+        an Exception, which twistd reports to its daemon parent; its str
+        leaves out the program's name, which the class name gives there.
+        """
+        e = StartupError("PORT: cannot listen on *:80: Permission denied")
+        self.assertIsInstance(e, SystemExit)
+        self.assertIsInstance(e, Exception)
+        self.assertEqual(e.code, "happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+        self.assertEqual(str(e), "PORT: cannot listen on *:80: Permission denied")
+
+    def test_bad_setting(self) -> None:
+        """makeService stops with a StartupError."""
+        e = self.assertRaises(StartupError, makeService, options(environ={"PORT": "abc"}),
+                              MemoryReactorClock())
+        self.assertTrue(e.code.startswith("happyrobot-ws: PORT must be"), e.code)
+
+    def test_child_system_exit_becomes_startup_error(self) -> None:
+        """A child service's bare SystemExit (the workers' port) becomes a StartupError."""
+
+        class Exits(Service):
+            def privilegedStartService(self) -> None:
+                raise SystemExit("happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+
+        root = ServerService()
+        Exits().setServiceParent(root)
+        e = self.assertRaises(StartupError, root.privilegedStartService)
+        self.assertEqual(e.code, "happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+        self.assertEqual(str(e), "PORT: cannot listen on *:80: Permission denied")
+
+    def test_make_service_root(self) -> None:
+        """makeService's root is the ServerService."""
+        self.assertIsInstance(makeService(options(), MemoryReactorClock()), ServerService)
 
 
 class SilentClient(WebSocketClientProtocol):
