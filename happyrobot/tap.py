@@ -64,12 +64,15 @@ class Options(usage.Options):
         self._env_file_given = False
 
     def opt_env_file(self, path: str) -> None:
-        """
-        dotenv file read for variables not in the environment (default .env,
-        skipped when missing; a file named here must exist; empty: none)
-        """
         self["env-file"] = path
         self._env_file_given = bool(path)
+
+    # The help of --env-file: twistd's --help shows a docstring's line
+    # breaks and indentation as spaces, so it is one line.
+    opt_env_file.__doc__ = (
+        "dotenv file read for variables not in the environment (default .env, "
+        "skipped when missing; a file named here must exist; empty: none)"
+    )
 
     def opt_conformance_echo(self) -> None:
         """Serve /echo for the Autobahn|Testsuite [env CONFORMANCE_ECHO, default false]"""

@@ -6,6 +6,7 @@ itself, shutdown, and the auto-ping that drops dead peers.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import txaio
@@ -100,6 +101,25 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn(str(port), str(e.code))
         self.assertIn("Address already in use", str(e.code))
         self.assertNotIn("\n", str(e.code))
+
+    def test_help_lines(self) -> None:
+        """
+        --help wraps every option's help with single spaces (no docstring
+        indentation), and lists the options sorted by name, as config.py's
+        comment on SETTINGS says.
+        """
+        lines = str(Options(environ={})).splitlines()
+        start = lines.index("Options:") + 1
+        names = []
+        for line in lines[start:lines.index("", start)]:  # the long description follows
+            match = re.match(r"^ +(?:-\w, )?(--[\w-]+=?)? +(\S.*)$", line)
+            assert match is not None, line
+            self.assertNotIn("  ", match.group(2), line)
+            if match.group(1):
+                names.append(match.group(1).rstrip("="))
+        self.assertIn("--env-file", names)
+        self.assertIn("--port", names)
+        self.assertEqual(names, sorted(names))
 
     def test_named_env_file_must_exist(self) -> None:
         """--env-file naming a missing file is an error; the default .env may be absent."""
