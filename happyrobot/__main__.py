@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
@@ -48,6 +48,30 @@ class CommandError(Exception):
 # ------------------------------------------------------------------ arguments
 
 
+def _payload(text: str) -> dict[str, Any] | None:
+    """The publish payload argument: a JSON object, or null."""
+    try:
+        payload = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"the payload is not JSON ({e})") from None
+    if payload is not None and not isinstance(payload, dict):
+        raise argparse.ArgumentTypeError("the payload must be a JSON object or null")
+    return payload
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    """The --url argument of a command, which takes these URL schemes."""
+
+    def url(text: str) -> str:
+        if urlsplit(text).scheme not in schemes:
+            raise argparse.ArgumentTypeError(
+                f"must start with {' or '.join(s + '://' for s in schemes)}"
+            )
+        return text
+
+    return url
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; C{environ} supplies the API_TOKEN default."""
     environ = os.environ if environ is None else environ
@@ -68,7 +92,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "connection.",
     )
     tail.add_argument("project_id", metavar="projectId", help="the project (room) to watch")
-    tail.add_argument("--url", default=DEFAULT_WS_URL,
+    tail.add_argument("--url", default=DEFAULT_WS_URL, type=_url("ws", "wss", "http", "https"),
                       help=f"the server's WebSocket URL (default {DEFAULT_WS_URL}); "
                       "http(s):// URLs are accepted and mean the same")
     tail.add_argument("--user-id", default=None,
@@ -86,9 +110,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     publish.add_argument("project_id", metavar="projectId", help="the project (room)")
     publish.add_argument("type", help="the event type, e.g. TASK_UPDATE or PROJECT_DELETE")
-    publish.add_argument("payload", metavar="json",
+    publish.add_argument("payload", metavar="json", type=_payload,
                          help="the payload: a JSON object, or null, e.g. '{\"id\":\"t1\"}'")
-    publish.add_argument("--url", default=DEFAULT_HTTP_URL,
+    publish.add_argument("--url", default=DEFAULT_HTTP_URL, type=_url("http", "https"),
                          help=f"the server's base URL (default {DEFAULT_HTTP_URL})")
     publish.add_argument("--api-token", default=environ.get("API_TOKEN") or None,
                          help="the server's API_TOKEN, sent as a bearer token "
@@ -104,24 +128,12 @@ def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> argparse.Namespace:
     """
-    Parse and check the arguments.
+    Parse and check the arguments (the payload is decoded).
 
-    @raise SystemExit: with code 2 and a usage message on stderr.
+    @raise SystemExit: with code 2 and a usage message on stderr: the
+        command's own usage line when one of its arguments is wrong.
     """
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    if args.command == "publish":
-        try:
-            payload = json.loads(args.payload)
-        except ValueError as e:
-            parser.error(f"the payload is not JSON ({e})")
-        if payload is not None and not isinstance(payload, dict):
-            parser.error("the payload must be a JSON object or null")
-        args.payload = payload
-    allowed = ("ws", "wss", "http", "https") if args.command == "tail" else ("http", "https")
-    if urlsplit(args.url).scheme not in allowed:
-        parser.error(f"--url must start with {' or '.join(s + '://' for s in allowed)}")
-    return args
+    return build_parser(environ).parse_args(argv)
 
 
 # ----------------------------------------------------------------------- tail

@@ -51,11 +51,20 @@ class ParseArgsTests(SynchronousTestCase):
         self.patch(sys, "stderr", self.stderr)
 
     def assertUsageError(self, argv: list[str], text: str) -> None:
-        """C{argv} exits with 2 and a message containing C{text}."""
+        """
+        C{argv} exits with 2, the usage of its command (of the program
+        when none is given) and one error line containing C{text}.
+        """
+        self.stderr.seek(0)
+        self.stderr.truncate()
         with self.assertRaises(SystemExit) as raised:
             cli.parse_args(argv, environ={})
         self.assertEqual(raised.exception.code, 2)
-        self.assertIn(text, self.stderr.getvalue())
+        prog = " ".join(["happyrobot", *argv[:1]])
+        *usage, error = self.stderr.getvalue().splitlines()
+        self.assertTrue(usage[0].startswith(f"usage: {prog} [-h]"), usage)
+        self.assertTrue(error.startswith(f"{prog}: error: "), error)
+        self.assertIn(text, error)
 
     def test_publish_decodes_the_payload(self) -> None:
         """The publish payload argument is decoded from JSON."""
@@ -92,11 +101,14 @@ class ParseArgsTests(SynchronousTestCase):
 
     def test_no_command(self) -> None:
         """Running without a command is a usage error."""
-        self.assertUsageError([], "required")
+        self.assertUsageError([], "required: COMMAND")
 
     def test_bad_url_scheme(self) -> None:
-        """publish needs an http(s) URL."""
-        self.assertUsageError(["publish", "p1", "T", "{}", "--url", "ws://h/ws"], "--url")
+        """publish needs an http(s) URL, tail a ws(s) or http(s) one."""
+        self.assertUsageError(["publish", "p1", "T", "{}", "--url", "ws://h/ws"],
+                              "argument --url: must start with http:// or https://")
+        self.assertUsageError(["tail", "p1", "--url", "ftp://h/ws"],
+                              "argument --url: must start with ws://")
 
     def test_help(self) -> None:
         """--help exits with 0 and describes both commands."""
@@ -262,4 +274,5 @@ class CommandLineTests(ServerTestCase):
         self.start_server()
         code, out, err = await self.run_cli("publish", "p1", "T", "not json")
         self.assertEqual((code, out), (2, ""))
-        self.assertIn("the payload is not JSON", err)
+        self.assertTrue(err.startswith("usage: happyrobot publish [-h]"), err)
+        self.assertIn("happyrobot publish: error: argument json: the payload is not JSON", err)
