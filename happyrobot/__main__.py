@@ -39,6 +39,8 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:3001"
 DEFAULT_USER_ID = "cli"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: How long Ctrl-C on ``tail`` waits for the WebSocket's close handshake.
+CLOSE_TIMEOUT_SECONDS = 3.0
 
 
 class CommandError(Exception):
@@ -157,14 +159,25 @@ class _TailSession:
         self.out = out
         self.joined = False
         self.protocol: _TailProtocol | None = None
+        self.ended = False
+        self._ended_waiters: list[Deferred[None]] = []
         #: Fires when the connection has ended (a CommandError) or is cancelled.
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def _cancel(self, d: Deferred[None]) -> None:
-        # Stopping on purpose (Ctrl-C in a test, or a caller's cancel):
-        # close cleanly, so the server sees a normal leave.
+        # Stopping on purpose (Ctrl-C, or a caller's cancel): close
+        # cleanly, so the server sees a normal leave.
         if self.protocol is not None:
             self.protocol.sendClose(1000)
+
+    def when_ended(self) -> Deferred[None]:
+        """A Deferred that fires once the connection has ended (at once if it has)."""
+        d: Deferred[None] = Deferred()
+        if self.ended:
+            d.callback(None)
+        else:
+            self._ended_waiters.append(d)
+        return d
 
     def opened(self, protocol: _TailProtocol) -> None:
         """Name the user and join the room (the server handles both in order)."""
@@ -199,6 +212,10 @@ class _TailSession:
 
     def closed(self, code: int | None, reason: str | None, handshake_done: bool) -> None:
         """The connection ended: that ends the run, with the reason."""
+        self.ended = True
+        waiters, self._ended_waiters = self._ended_waiters, []
+        for d in waiters:
+            d.callback(None)
         if handshake_done:
             why = f"the server closed the connection ({code}{': ' + reason if reason else ''})"
         else:
@@ -264,12 +281,25 @@ async def tail(reactor: IClientReactor, args: argparse.Namespace, out: TextIO) -
     except (ConnectError, DNSLookupError) as e:
         raise CommandError(f"cannot connect to {url}: {e.__class__.__name__}") from None
     # Ctrl-C stops the reactor: that is the normal end of a tail, not a
-    # lost connection to report.
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", session.done.cancel)
+    # lost connection to report.  The reactor waits for the close
+    # handshake before it drops the connection (Autobahn ends it within
+    # its close timeouts, a second each; ours bounds the wait in any case).
+    stopping = []
+
+    def stop() -> Deferred[None]:
+        stopping.append(True)
+        session.done.cancel()
+        ended = session.when_ended()
+        ended.addTimeout(CLOSE_TIMEOUT_SECONDS, reactor)
+        ended.addErrback(lambda _: None)  # timed out: the reactor drops it
+        return ended
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
         await session.done
     finally:
-        reactor.removeSystemEventTrigger(trigger)
+        if not stopping:
+            reactor.removeSystemEventTrigger(trigger)
 
 
 # -------------------------------------------------------------------- publish

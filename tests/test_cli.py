@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import __main__ as cli
 from happyrobot.tap import DrainService
-from tests.helpers import REPO_ROOT, ServerTestCase, free_port
+from tests.helpers import REPO_ROOT, LineCollector, ServerTestCase, free_port
 
 
 class _Lines(io.StringIO):
@@ -268,6 +268,28 @@ class CommandLineTests(ServerTestCase):
         self.assertEqual(json.loads(out)["clientCount"], 1)
         event = await member.next_of("TASK_UPDATE")
         self.assertEqual(event["payload"], {"id": "t1"})
+
+    async def test_tail_sigint_closes_1000(self) -> None:
+        """
+        Ctrl-C (SIGINT) on ``python -m happyrobot tail`` closes the WebSocket
+        with 1000 before the process exits with 0: the server counts a
+        normal close, not a lost connection (1006).
+        """
+        self.start_server()
+        proc = LineCollector()
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO_ROOT}
+        argv = [sys.executable, "-m", "happyrobot", "tail", "p1",
+                "--url", f"ws://127.0.0.1:{self.port_number}/ws"]
+        transport = reactor.spawnProcess(proc, sys.executable, argv, env=env, path=REPO_ROOT)
+        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+        await proc.wait_for(b'"USER_PRESENCE"')
+        transport.signalProcess("INT")
+        self.assertEqual(await proc.ended, 0, proc.output)
+        await self.factory.when_empty()
+        closes = {code: self.factory.metrics.registry.get_sample_value(
+            "happyrobot_closes_total", {"code": code}) for code in ("1000", "1006")}
+        self.assertEqual(closes, {"1000": 1.0, "1006": None})
+        self.assertNotIn(b"happyrobot:", proc.output)  # no error line
 
     async def test_usage_error_subprocess(self) -> None:
         """A usage error exits with 2 and says why on stderr."""
