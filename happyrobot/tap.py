@@ -105,26 +105,23 @@ class IServerReactor(IWorkerReactor, IReactorTCP):
 
 class StartupError(SystemExit, Exception):
     """
-    What stops start-up: a bad setting, or a port that cannot be bound.
-    twistd reports it as one line, with exit status 1, whether it runs in
-    the foreground (C{-n}) or daemonizes:
+    What stops start-up: a bad setting, or a port that cannot be bound;
+    its code is one line, C{"happyrobot-ws: MESSAGE"}.  twistd reports it,
+    with exit status 1, whether it runs in the foreground (C{-n}) or
+    daemonizes:
 
-      - as a L{SystemExit}, Python prints its C{code}, C{"happyrobot-ws:
-        MESSAGE"}, instead of a traceback (in daemon mode, to the log file);
+      - as a L{SystemExit}, Python prints the line instead of a traceback
+        (in daemon mode, to the log file);
       - as an L{Exception} raised while the application starts, twistd
         removes the pid file and, when it daemonizes, writes the error
-        (C{"happyrobot.tap.StartupError: MESSAGE"}, cut at 100 bytes) to
-        the parent that waits for the start, which prints it and exits
-        with 1.  A bare C{SystemExit} is not reported: that parent would
-        wait forever and the pid file would stay.
+        (C{"happyrobot.tap.StartupError: happyrobot-ws: MESSAGE"}, cut at
+        100 bytes) to the parent that waits for the start, which prints it
+        and exits with 1.  A bare C{SystemExit} is not reported: that
+        parent would wait forever and the pid file would stay.
     """
 
     def __init__(self, message: str) -> None:
         super().__init__(f"happyrobot-ws: {message}")
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class ServerService(MultiService):
@@ -155,10 +152,10 @@ class ListeningService(twisted_seam.RaisingEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             # Short: twistd's daemon parent shows the first 100 bytes.
-            # (a TCP port is a number; a UNIX socket's "port" is its path)
+            # (A TCP port is a number; a UNIX socket's "port" is its path.)
             where = f"{e.interface or '*'}:{e.port}" if isinstance(e.port, int) else e.port
             why = getattr(e.socketError, "strerror", None) or e.socketError
-            raise StartupError(f"PORT: cannot listen on {where}: {why}") from None
+            raise StartupError(f"PORT: {where}: {why}") from None
 
 
 def listening_service(description: str, site: Site, reactor: IReactorTCP) -> ListeningService:

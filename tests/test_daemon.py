@@ -111,11 +111,15 @@ class DaemonStartFailureTests(TestCase):
         daemon = Daemon(self, ["--port", f"tcp:{port}:interface=127.0.0.1"], {})
         code, timed_out = await daemon.ended()
         self.assert_failed(daemon, code, timed_out)
-        why = f"PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
-        self.assertIn(why.encode(), daemon.proc.output)
+        why = f"happyrobot-ws: PORT: 127.0.0.1:{port}: Address already in use"
+        self.assertIn(f"StartupError: {why}'".encode(), daemon.proc.output)  # whole
+        self.assert_logged(daemon, why)
+
+    def assert_logged(self, daemon: Daemon, why: str) -> None:
+        """The log file has C{why} as one line, once."""
         errors = [line for line in daemon.log().splitlines() if "happyrobot-ws: " in line]
         self.assertEqual(len(errors), 1, daemon.log())
-        self.assertTrue(errors[0].endswith(f"happyrobot-ws: {why}"), errors[0])
+        self.assertTrue(errors[0].endswith(why), errors[0])
 
     async def test_workers_port_in_use(self) -> None:
         """The same with WORKERS above 1, whose port is a service of its own."""
@@ -124,8 +128,10 @@ class DaemonStartFailureTests(TestCase):
                         {"WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:1/0"})
         code, timed_out = await daemon.ended()
         self.assert_failed(daemon, code, timed_out)
-        why = f"PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
-        self.assertIn(why.encode(), daemon.proc.output)
+        why = f"happyrobot-ws: PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
+        # twistd passes on the first 100 bytes, with the class name
+        self.assertIn(why[:60].encode(), daemon.proc.output)
+        self.assert_logged(daemon, why)
 
     async def test_bad_setting(self) -> None:
         """A bad setting stops twistd before it daemonizes: one line on stderr."""
