@@ -1,9 +1,9 @@
 """
 End-to-end: ``twistd --pidfile=… --logfile=… happyrobot-ws`` daemonized (no
-``-n``, as legacy Twisted hosts run it), whose start-up fails.  twistd's
-parent process waits for the daemon to say that it started; a failed start
-must end it with status 1 and one line naming the cause, and leave no pid
-file, as ``twistd -n`` does.
+``-n``, as legacy Twisted hosts run it).  twistd's parent process waits for
+the daemon to say that it started; a failed start must end it with status
+1 and one line naming the cause, and leave no pid file, as ``twistd -n``
+does; a start that succeeds ends it with 0.
 """
 
 from __future__ import annotations
@@ -11,16 +11,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
+import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import REPO_ROOT, LineCollector
+from tests.helpers import REPO_ROOT, LineCollector, free_port
 
 #: How long the daemon's parent may take to exit before the test kills it
 #: (and fails): start-up takes well under a second.
 PARENT_EXIT_SECONDS = 15.0
+
+
+class _Collector(LineCollector):
+    """A L{LineCollector} that also tells when the process itself has exited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Fires with the exit code when the process exits (its pipes may stay open).
+        self.exited: Deferred[int | None] = Deferred()
+
+    def processExited(self, reason: Any) -> None:
+        self.exited.callback(getattr(reason.value, "exitCode", None))
 
 
 class Daemon:
@@ -39,7 +54,7 @@ class Daemon:
         os.makedirs(self.rundir)
         self.pidfile = os.path.join(self.rundir, "twistd.pid")
         self.logfile = os.path.join(self.rundir, "twistd.log")
-        self.proc = LineCollector()
+        self.proc = _Collector()
         child_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO_ROOT,
                      "HOME": os.environ.get("HOME", "/tmp"), **env}
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -141,3 +156,28 @@ class DaemonStartFailureTests(TestCase):
         lines = daemon.proc.output.decode().splitlines()
         self.assertEqual(lines, ["happyrobot-ws: PORT must be a number or an endpoint "
                                  "description, got 'abc'"])
+
+
+class DaemonStartTests(TestCase):
+    """A daemonized start that succeeds: the parent exits with 0, the daemon serves."""
+
+    timeout = PARENT_EXIT_SECONDS + 15
+
+    async def test_serves_then_stops_on_sigterm(self) -> None:
+        """The parent exits with 0; the daemon answers /health, and SIGTERM stops it."""
+        port = free_port()
+        daemon = Daemon(self, ["--port", f"tcp:{port}:interface=127.0.0.1"], {})
+        timer = reactor.callLater(PARENT_EXIT_SECONDS, daemon.kill)
+        self.assertEqual(await daemon.proc.exited, 0, daemon.proc.output)
+        self.assertTrue(timer.active(), "twistd's parent was killed after waiting too long")
+        timer.cancel()
+        with open(daemon.pidfile) as f:
+            pid = int(f.read())
+        response = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        os.kill(pid, signal.SIGTERM)
+        code, timed_out = await daemon.ended()  # the daemon has closed descriptor 3
+        self.assertEqual((code, timed_out), (0, False))
+        self.assertFalse(os.path.exists(daemon.pidfile))
+        self.assertIn("Server Shut Down.", daemon.log())
