@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
@@ -39,6 +39,8 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:3001"
 DEFAULT_USER_ID = "cli"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: How long Ctrl-C on ``tail`` waits for the WebSocket's close handshake.
+CLOSE_TIMEOUT_SECONDS = 3.0
 
 
 class CommandError(Exception):
@@ -46,6 +48,30 @@ class CommandError(Exception):
 
 
 # ------------------------------------------------------------------ arguments
+
+
+def _payload(text: str) -> dict[str, Any] | None:
+    """The publish payload argument: a JSON object, or null."""
+    try:
+        payload = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"the payload is not JSON ({e})") from None
+    if payload is not None and not isinstance(payload, dict):
+        raise argparse.ArgumentTypeError("the payload must be a JSON object or null")
+    return payload
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    """The --url argument of a command, which takes these URL schemes."""
+
+    def url(text: str) -> str:
+        if urlsplit(text).scheme not in schemes:
+            raise argparse.ArgumentTypeError(
+                f"must start with {' or '.join(s + '://' for s in schemes)}"
+            )
+        return text
+
+    return url
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -69,7 +95,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "connection.",
     )
     tail.add_argument("project_id", metavar="projectId", help="the project (room) to watch")
-    tail.add_argument("--url", default=DEFAULT_WS_URL,
+    tail.add_argument("--url", default=DEFAULT_WS_URL, type=_url("ws", "wss", "http", "https"),
                       help=f"the server's WebSocket URL (default {DEFAULT_WS_URL}); "
                       "http(s):// URLs are accepted and mean the same")
     tail.add_argument("--user-id", default=None,
@@ -87,9 +113,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     publish.add_argument("project_id", metavar="projectId", help="the project (room)")
     publish.add_argument("type", help="the event type, e.g. TASK_UPDATE or PROJECT_DELETE")
-    publish.add_argument("payload", metavar="json",
+    publish.add_argument("payload", metavar="json", type=_payload,
                          help="the payload: a JSON object, or null, e.g. '{\"id\":\"t1\"}'")
-    publish.add_argument("--url", default=DEFAULT_HTTP_URL,
+    publish.add_argument("--url", default=DEFAULT_HTTP_URL, type=_url("http", "https"),
                          help=f"the server's base URL (default {DEFAULT_HTTP_URL})")
     publish.add_argument("--api-token", default=environ.get("API_TOKEN") or None,
                          help="the server's API_TOKEN, sent as a bearer token "
@@ -105,24 +131,12 @@ def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> argparse.Namespace:
     """
-    Parse and check the arguments.
+    Parse and check the arguments (the payload is decoded).
 
-    @raise SystemExit: with code 2 and a usage message on stderr.
+    @raise SystemExit: with code 2 and a usage message on stderr: the
+        command's own usage line when one of its arguments is wrong.
     """
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    if args.command == "publish":
-        try:
-            payload = json.loads(args.payload)
-        except ValueError as e:
-            parser.error(f"the payload is not JSON ({e})")
-        if payload is not None and not isinstance(payload, dict):
-            parser.error("the payload must be a JSON object or null")
-        args.payload = payload
-    allowed = ("ws", "wss", "http", "https") if args.command == "tail" else ("http", "https")
-    if urlsplit(args.url).scheme not in allowed:
-        parser.error(f"--url must start with {' or '.join(s + '://' for s in allowed)}")
-    return args
+    return build_parser(environ).parse_args(argv)
 
 
 # ----------------------------------------------------------------------- tail
@@ -146,14 +160,25 @@ class _TailSession:
         self.out = out
         self.joined = False
         self.protocol: _TailProtocol | None = None
+        self.ended = False
+        self._ended_waiters: list[Deferred[None]] = []
         #: Fires when the connection has ended (a CommandError) or is cancelled.
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def _cancel(self, d: Deferred[None]) -> None:
-        # Stopping on purpose (Ctrl-C in a test, or a caller's cancel):
-        # close cleanly, so the server sees a normal leave.
+        # Stopping on purpose (Ctrl-C, or a caller's cancel): close
+        # cleanly, so the server sees a normal leave.
         if self.protocol is not None:
             self.protocol.sendClose(1000)
+
+    def when_ended(self) -> Deferred[None]:
+        """A Deferred that fires once the connection has ended (at once if it has)."""
+        d: Deferred[None] = Deferred()
+        if self.ended:
+            d.callback(None)
+        else:
+            self._ended_waiters.append(d)
+        return d
 
     def opened(self, protocol: _TailProtocol) -> None:
         """Name the user and join the room (the server handles both in order)."""
@@ -188,6 +213,10 @@ class _TailSession:
 
     def closed(self, code: int | None, reason: str | None, handshake_done: bool) -> None:
         """The connection ended: that ends the run, with the reason."""
+        self.ended = True
+        waiters, self._ended_waiters = self._ended_waiters, []
+        for d in waiters:
+            d.callback(None)
         if handshake_done:
             why = f"the server closed the connection ({code}{': ' + reason if reason else ''})"
         else:
@@ -253,12 +282,25 @@ async def tail(reactor: IClientReactor, args: argparse.Namespace, out: TextIO) -
     except (ConnectError, DNSLookupError) as e:
         raise CommandError(f"cannot connect to {url}: {e.__class__.__name__}") from None
     # Ctrl-C stops the reactor: that is the normal end of a tail, not a
-    # lost connection to report.
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", session.done.cancel)
+    # lost connection to report.  The reactor waits for the close
+    # handshake before it drops the connection (Autobahn ends it within
+    # its close timeouts, a second each; ours bounds the wait in any case).
+    stopping = []
+
+    def stop() -> Deferred[None]:
+        stopping.append(True)
+        session.done.cancel()
+        ended = session.when_ended()
+        ended.addTimeout(CLOSE_TIMEOUT_SECONDS, reactor)
+        ended.addErrback(lambda _: None)  # timed out: the reactor drops it
+        return ended
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
         await session.done
     finally:
-        reactor.removeSystemEventTrigger(trigger)
+        if not stopping:
+            reactor.removeSystemEventTrigger(trigger)
 
 
 # -------------------------------------------------------------------- publish

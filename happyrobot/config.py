@@ -33,7 +33,8 @@ class Setting:
     help: str
 
 
-#: Every setting, in the order ``--help`` and ``env.example`` list them.
+#: Every setting, in the order ``env.example`` lists them.  ``twistd
+#: happyrobot-ws --help`` does not keep it: twistd lists options sorted by name.
 SETTINGS = (
     Setting("PORT", "port", "3001",
             "TCP port to listen on; --port also takes a Twisted endpoint "

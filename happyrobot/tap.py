@@ -64,12 +64,15 @@ class Options(usage.Options):
         self._env_file_given = False
 
     def opt_env_file(self, path: str) -> None:
-        """
-        dotenv file read for variables not in the environment (default .env,
-        skipped when missing; a file named here must exist; empty: none)
-        """
         self["env-file"] = path
         self._env_file_given = bool(path)
+
+    # The help of --env-file: twistd's --help shows a docstring's line
+    # breaks and indentation as spaces, so it is one line.
+    opt_env_file.__doc__ = (
+        "dotenv file read for variables not in the environment (default .env, "
+        "skipped when missing; a file named here must exist; empty: none)"
+    )
 
     def opt_conformance_echo(self) -> None:
         """Serve /echo for the Autobahn|Testsuite [env CONFORMANCE_ECHO, default false]"""
@@ -111,18 +114,59 @@ class IServerReactor(IWorkerReactor, IReactorTCP):
     """
 
 
+class StartupError(SystemExit, Exception):
+    """
+    What stops start-up: a bad setting, or a port that cannot be bound;
+    its code is one line, C{"happyrobot-ws: MESSAGE"}.  twistd reports it,
+    with exit status 1, whether it runs in the foreground (C{-n}) or
+    daemonizes:
+
+      - as a L{SystemExit}, Python prints the line instead of a traceback
+        (in daemon mode, to the log file);
+      - as an L{Exception} raised while the application starts, twistd
+        removes the pid file and, when it daemonizes, writes the error
+        (C{"happyrobot.tap.StartupError: happyrobot-ws: MESSAGE"}, cut at
+        100 bytes) to the parent that waits for the start, which prints it
+        and exits with 1.  A bare C{SystemExit} is not reported: that
+        parent would wait forever and the pid file would stay.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"happyrobot-ws: {message}")
+
+
+class ServerService(MultiService):
+    """
+    The root of the server's services.  A child that stops start-up with a
+    bare L{SystemExit} (L{workers.ReusePortService}'s port) stops it with a
+    L{StartupError} instead, so that twistd reports it in daemon mode too.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError:
+            raise
+        except SystemExit as e:
+            raise StartupError(str(e.code).removeprefix("happyrobot-ws: ")) from None
+
+
 class ListeningService(twisted_seam.RaisingEndpointService):
     """
     The server's port.  One that cannot be bound (in use, no permission)
-    stops start-up with one line instead of a traceback, or instead of
-    running without a port.
+    stops start-up with a L{StartupError} naming PORT, instead of a
+    traceback, or instead of running without a port.
     """
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            raise SystemExit(f"happyrobot-ws: PORT: {e}") from None
+            # Short: twistd's daemon parent shows the first 100 bytes.
+            # (A TCP port is a number; a UNIX socket's "port" is its path.)
+            where = f"{e.interface or '*'}:{e.port}" if isinstance(e.port, int) else e.port
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            raise StartupError(f"PORT: {where}: {why}") from None
 
 
 def listening_service(description: str, site: Site, reactor: IReactorTCP) -> ListeningService:
@@ -332,9 +376,9 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
     except (ConfigError, Unsupported) as e:
         # One line naming the variable (or what Twisted lacks), as twistd
         # users expect from a bad flag.
-        raise SystemExit(f"happyrobot-ws: {e}") from None
+        raise StartupError(str(e)) from None
     logs.set_level(config.log_level)
-    service = MultiService()
+    service = ServerService()
     # First child, with the bus as its child: the bus starts connecting to
     # Redis before the port opens, and stops only after the drain.
     drain = DrainService(

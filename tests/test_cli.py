@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from happyrobot import __main__ as cli
 from happyrobot import __version__
 from happyrobot.tap import DrainService
-from tests.helpers import REPO_ROOT, ServerTestCase, free_port
+from tests.helpers import REPO_ROOT, LineCollector, ServerTestCase, free_port
 
 
 class _Lines(io.StringIO):
@@ -52,11 +52,20 @@ class ParseArgsTests(SynchronousTestCase):
         self.patch(sys, "stderr", self.stderr)
 
     def assertUsageError(self, argv: list[str], text: str) -> None:
-        """C{argv} exits with 2 and a message containing C{text}."""
+        """
+        C{argv} exits with 2, the usage of its command (of the program
+        when none is given) and one error line containing C{text}.
+        """
+        self.stderr.seek(0)
+        self.stderr.truncate()
         with self.assertRaises(SystemExit) as raised:
             cli.parse_args(argv, environ={})
         self.assertEqual(raised.exception.code, 2)
-        self.assertIn(text, self.stderr.getvalue())
+        prog = " ".join(["happyrobot", *argv[:1]])
+        *usage, error = self.stderr.getvalue().splitlines()
+        self.assertTrue(usage[0].startswith(f"usage: {prog} [-h]"), usage)
+        self.assertTrue(error.startswith(f"{prog}: error: "), error)
+        self.assertIn(text, error)
 
     def test_publish_decodes_the_payload(self) -> None:
         """The publish payload argument is decoded from JSON."""
@@ -93,11 +102,14 @@ class ParseArgsTests(SynchronousTestCase):
 
     def test_no_command(self) -> None:
         """Running without a command is a usage error."""
-        self.assertUsageError([], "required")
+        self.assertUsageError([], "required: COMMAND")
 
     def test_bad_url_scheme(self) -> None:
-        """publish needs an http(s) URL."""
-        self.assertUsageError(["publish", "p1", "T", "{}", "--url", "ws://h/ws"], "--url")
+        """publish needs an http(s) URL, tail a ws(s) or http(s) one."""
+        self.assertUsageError(["publish", "p1", "T", "{}", "--url", "ws://h/ws"],
+                              "argument --url: must start with http:// or https://")
+        self.assertUsageError(["tail", "p1", "--url", "ftp://h/ws"],
+                              "argument --url: must start with ws://")
 
     def test_help(self) -> None:
         """--help exits with 0 and describes both commands."""
@@ -267,9 +279,32 @@ class CommandLineTests(ServerTestCase):
         event = await member.next_of("TASK_UPDATE")
         self.assertEqual(event["payload"], {"id": "t1"})
 
+    async def test_tail_sigint_closes_1000(self) -> None:
+        """
+        Ctrl-C (SIGINT) on ``python -m happyrobot tail`` closes the WebSocket
+        with 1000 before the process exits with 0: the server counts a
+        normal close, not a lost connection (1006).
+        """
+        self.start_server()
+        proc = LineCollector()
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO_ROOT}
+        argv = [sys.executable, "-m", "happyrobot", "tail", "p1",
+                "--url", f"ws://127.0.0.1:{self.port_number}/ws"]
+        transport = reactor.spawnProcess(proc, sys.executable, argv, env=env, path=REPO_ROOT)
+        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+        await proc.wait_for(b'"USER_PRESENCE"')
+        transport.signalProcess("INT")
+        self.assertEqual(await proc.ended, 0, proc.output)
+        await self.factory.when_empty()
+        closes = {code: self.factory.metrics.registry.get_sample_value(
+            "happyrobot_closes_total", {"code": code}) for code in ("1000", "1006")}
+        self.assertEqual(closes, {"1000": 1.0, "1006": None})
+        self.assertNotIn(b"happyrobot:", proc.output)  # no error line
+
     async def test_usage_error_subprocess(self) -> None:
         """A usage error exits with 2 and says why on stderr."""
         self.start_server()
         code, out, err = await self.run_cli("publish", "p1", "T", "not json")
         self.assertEqual((code, out), (2, ""))
-        self.assertIn("the payload is not JSON", err)
+        self.assertTrue(err.startswith("usage: happyrobot publish [-h]"), err)
+        self.assertIn("happyrobot publish: error: argument json: the payload is not JSON", err)

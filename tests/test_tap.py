@@ -6,11 +6,12 @@ itself, shutdown, and the auto-ping that drops dead peers.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import logs
 from happyrobot.config import Config
-from happyrobot.tap import Options, build_factory, makeService
+from happyrobot.tap import Options, ServerService, StartupError, build_factory, makeService
 from happyrobot.web import make_site
 from tests.helpers import ServerTestCase
 
@@ -95,11 +96,30 @@ class OptionsTests(SynchronousTestCase):
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
         service = makeService(options(environ={"PORT": f"tcp:{port}:interface=127.0.0.1"}), reactor)
-        e = self.assertRaises(SystemExit, service.privilegedStartService)
+        e = self.assertRaises(StartupError, service.privilegedStartService)
         self.assertTrue(str(e.code).startswith("happyrobot-ws: PORT: "), e.code)
         self.assertIn(str(port), str(e.code))
         self.assertIn("Address already in use", str(e.code))
         self.assertNotIn("\n", str(e.code))
+
+    def test_help_lines(self) -> None:
+        """
+        --help wraps every option's help with single spaces (no docstring
+        indentation), and lists the options sorted by name, as config.py's
+        comment on SETTINGS says.
+        """
+        lines = str(Options(environ={})).splitlines()
+        start = lines.index("Options:") + 1
+        names = []
+        for line in lines[start:lines.index("", start)]:  # the long description follows
+            match = re.match(r"^ +(?:-\w, )?(--[\w-]+=?)? +(\S.*)$", line)
+            assert match is not None, line
+            self.assertNotIn("  ", match.group(2), line)
+            if match.group(1):
+                names.append(match.group(1).rstrip("="))
+        self.assertIn("--env-file", names)
+        self.assertIn("--port", names)
+        self.assertEqual(names, sorted(names))
 
     def test_named_env_file_must_exist(self) -> None:
         """--env-file naming a missing file is an error; the default .env may be absent."""
@@ -191,6 +211,43 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(str(e.code), "happyrobot-ws: JWT_PUBLIC_KEY is not a PEM public key or "
                                       "its path (no file '/nonexistent/key.pem', and not PEM text "
                                       "(-----BEGIN PUBLIC KEY-----...))")
+
+
+class StartupErrorTests(SynchronousTestCase):
+    """What stops start-up is one error type, which twistd reports with or without -n."""
+
+    def test_system_exit_and_exception(self) -> None:
+        """
+        A StartupError exits with its one line (a SystemExit's code) and is
+        an Exception, which twistd reports to its daemon parent.
+        """
+        e = StartupError("PORT: *:80: Permission denied")
+        self.assertIsInstance(e, SystemExit)
+        self.assertIsInstance(e, Exception)
+        self.assertEqual(e.code, "happyrobot-ws: PORT: *:80: Permission denied")
+        self.assertEqual(str(e), e.code)
+
+    def test_bad_setting(self) -> None:
+        """makeService stops with a StartupError."""
+        e = self.assertRaises(StartupError, makeService, options(environ={"PORT": "abc"}),
+                              MemoryReactorClock())
+        self.assertTrue(e.code.startswith("happyrobot-ws: PORT must be"), e.code)
+
+    def test_child_system_exit_becomes_startup_error(self) -> None:
+        """A child service's bare SystemExit (the workers' port) becomes a StartupError."""
+
+        class Exits(Service):
+            def privilegedStartService(self) -> None:
+                raise SystemExit("happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+
+        root = ServerService()
+        Exits().setServiceParent(root)
+        e = self.assertRaises(StartupError, root.privilegedStartService)
+        self.assertEqual(e.code, "happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+
+    def test_make_service_root(self) -> None:
+        """makeService's root is the ServerService."""
+        self.assertIsInstance(makeService(options(), MemoryReactorClock()), ServerService)
 
 
 class SilentClient(WebSocketClientProtocol):
