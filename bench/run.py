@@ -565,7 +565,7 @@ def draw_chart(data, summary, png):
     fig = plt.figure(figsize=(14, 10))
     grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1])
     axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])]
-    fig.suptitle(f"Happy Robot server benchmark, {data['date']} ({data['machine'].get('cpus')} cores; server on core "
+    fig.suptitle(f"Happy Robot server benchmark, {data['date'].split(' ')[0]} ({data['machine'].get('cpus')} cores; server on core "
                  f"{data['options']['server_cpu']}, load generator on core {data['options']['loadgen_cpu']}; "
                  f"medians of {data['rounds']} rounds, whiskers min–max)", fontsize=10)
 

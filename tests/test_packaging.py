@@ -19,7 +19,7 @@ from typing import Any
 from twisted.application.service import IServiceMaker
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import happyrobot
 from tests.helpers import REPO_ROOT
@@ -85,7 +85,10 @@ def installed() -> importlib.metadata.Distribution:
     try:
         return importlib.metadata.distribution("happyrobot")
     except importlib.metadata.PackageNotFoundError:
-        raise SkipTest("the package is not installed (bash scripts/test installs it)") from None
+        raise AssertionError(
+            "the package is not installed: install it (pip install '.[test]'; "
+            "bash scripts/test does) to test what it installs"
+        ) from None
 
 
 class VersionTests(SynchronousTestCase):
