@@ -95,6 +95,25 @@ async def _run(argv: list[str], path: str = "/") -> tuple[int, str]:
     return code, (out + err).decode("utf-8", "replace")
 
 
+async def ensure_node(test: TestCase) -> tuple[str, str]:
+    """
+    The paths of node and npm, installed with apt-get when missing (as
+    root); fails C{test} when they cannot be had.
+    """
+    apt = shutil.which("apt-get")
+    if not (shutil.which("node") and shutil.which("npm")):
+        if os.geteuid() != 0 or apt is None:
+            test.fail("node and npm are missing and cannot be installed here (needs root "
+                      "and apt-get): install the Debian packages nodejs and npm")
+        code, output = await _run([apt, "install", "-y", "-qq", "nodejs", "npm"])
+        if code != 0:
+            test.fail(f"could not install nodejs and npm (exit {code}):\n{output[-2000:]}")
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        test.fail("node and npm are still missing after apt-get install nodejs npm")
+    return node, npm
+
+
 async def _until_line(proc: LineCollector, needle: bytes, what: str) -> bytes:
     """C{proc}'s output once it contains C{needle}; an error if C{proc} ends first."""
     ended: Deferred[Any] = Deferred()
@@ -137,17 +156,7 @@ class BrowserClientTests(TestCase):
 
     async def _ensure_playwright(self) -> str:
         """The path of node, after installing playwright-core if it is missing."""
-        apt = shutil.which("apt-get")
-        if not (shutil.which("node") and shutil.which("npm")):
-            if os.geteuid() != 0 or apt is None:
-                self.fail("node and npm are missing and cannot be installed here (needs root "
-                          "and apt-get): install the Debian packages nodejs and npm")
-            code, output = await _run([apt, "install", "-y", "-qq", "nodejs", "npm"])
-            if code != 0:
-                self.fail(f"could not install nodejs and npm (exit {code}):\n{output[-2000:]}")
-        node, npm = shutil.which("node"), shutil.which("npm")
-        if node is None or npm is None:
-            self.fail("node and npm are still missing after apt-get install nodejs npm")
+        node, npm = await ensure_node(self)
         if not os.path.exists(PLAYWRIGHT):
             argv = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
             code, output = await _run(argv, BROWSER_DIR)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from happyrobot.messages import RELAYED_TYPES
 from tests.helpers import REPO_ROOT
-from tests.test_browser import _run
+from tests.test_browser import _run, ensure_node
 
 TYPESCRIPT_DIR = os.path.join(REPO_ROOT, "tests", "typescript")
 TSC = os.path.join(TYPESCRIPT_DIR, "node_modules", "typescript", "bin", "tsc")
@@ -62,17 +61,7 @@ class TypeCheckTests(TestCase):
 
     async def _tsc(self, project: str) -> tuple[int, str]:
         """Run ``tsc -p <project>`` in tests/typescript, installing TypeScript first if needed."""
-        apt = shutil.which("apt-get")
-        if not (shutil.which("node") and shutil.which("npm")):
-            if os.geteuid() != 0 or apt is None:
-                self.fail("node and npm are missing and cannot be installed here (needs root "
-                          "and apt-get): install the Debian packages nodejs and npm")
-            code, output = await _run([apt, "install", "-y", "-qq", "nodejs", "npm"])
-            if code != 0:
-                self.fail(f"could not install nodejs and npm (exit {code}):\n{output[-2000:]}")
-        node, npm = shutil.which("node"), shutil.which("npm")
-        if node is None or npm is None:
-            self.fail("node and npm are still missing after apt-get install nodejs npm")
+        node, npm = await ensure_node(self)
         if _installed_version() != _pinned_version():
             argv = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
             code, output = await _run(argv, TYPESCRIPT_DIR)
