@@ -12,8 +12,11 @@ the txredisapi version, if an upgrade removed it:
     and SELECT (the connection is usable);
   - the C{callLater} class attribute, its timer (the global reactor),
     replaced per protocol by our reactor's;
-  - its reply parser, replaced on the subscriber connection by
-    L{WholeReadParser}, which feeds C{replyReceived} as txredisapi's does;
+  - that C{RedisProtocol} is C{HiredisProtocol} (hiredis installed): it
+    handles every reply of a read in one call, so a burst of events that
+    arrived together is written to the members together (txredisapi's
+    pure-Python parser puts the rest of a read off to a later reactor turn
+    after each bulk string);
   - the factory it expects (C{isLazy}, C{stopTrying}, C{connectionError}),
     provided by L{ConnectionFactory} for a L{ClientService}.
 """
@@ -74,13 +77,16 @@ def check() -> None:
             else:
                 missing += [f"RedisProtocol().{a}" for a in ("_ready", "replyQueue")
                             if not hasattr(proto, a)]
+        if getattr(txredisapi, "HiredisProtocol", None) is not txredisapi.RedisProtocol:
+            missing.append("HiredisProtocol as its RedisProtocol (is the hiredis package "
+                           "installed?)")
     if missing:
         import importlib.metadata  # only when the check fails: a dozen modules of its own
 
         version = importlib.metadata.version("txredisapi")
         raise TxredisapiChanged(
             f"txredisapi {version} lacks {', '.join(missing)}; happyrobot needs "
-            "txredisapi>=1.6.0,<2 as pyproject.toml declares"
+            "txredisapi>=1.6.0,<2 and hiredis as pyproject.toml declares"
         )
 
 
@@ -92,96 +98,6 @@ def is_response_error(failure: Failure) -> bool:
 def is_connection_error(failure: Failure) -> bool:
     """Whether the link failed (lost, or no reply in time: txredisapi's TimeoutError)."""
     return failure.check("txredisapi.ConnectionError") is not None
-
-
-class _Incomplete(Exception):
-    """The buffer ends inside a reply; C{need} is how long it must at least be."""
-
-    def __init__(self, need: int) -> None:
-        self.need = need
-
-
-def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
-    """
-    One RESP2 reply of C{buf} from C{pos}, as txredisapi's own parser gives
-    it with C{charset=None} and C{convertNumbers=False} (a status as str,
-    an error as C{ResponseError}, an integer as int, a bulk string as bytes
-    or None, an array as a list or None), and where the next one starts.
-
-    @raise _Incomplete: when C{buf} ends before the reply does.
-    @raise ValueError: when C{buf} is not RESP.
-    """
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise _Incomplete(len(buf) + 1)
-    kind = buf[pos]
-    if kind == 36:  # $ bulk string
-        n = int(buf[pos + 1:end])
-        if n < 0:
-            return None, end + 2
-        start = end + 2
-        stop = start + n
-        if len(buf) < stop + 2:
-            raise _Incomplete(stop + 2)
-        return buf[start:stop], stop + 2
-    if kind == 42:  # * array
-        n = int(buf[pos + 1:end])
-        if n < 0:
-            return None, end + 2
-        items = []
-        pos = end + 2
-        for _ in range(n):
-            item, pos = parse_reply(buf, pos)
-            items.append(item)
-        return items, pos
-    if kind == 58:  # : integer
-        return int(buf[pos + 1:end]), end + 2
-    if kind == 43:  # + status
-        return buf[pos + 1:end].decode(), end + 2
-    if kind == 45:  # - error
-        from txredisapi import ResponseError
-
-        text = buf[pos + 1:end].decode(errors="replace")
-        return ResponseError(text), end + 2
-    raise ValueError(f"not a Redis reply: {buf[pos:pos + 1]!r}")
-
-
-class WholeReadParser:
-    """
-    Replaces txredisapi's pure-Python reply parser on the subscriber
-    connection.  That parser hands the rest of a read to C{callLater(0)}
-    after every bulk string, so each published message (three of them)
-    was handled on a reactor turn of its own, and each event was written
-    to every recipient with a C{send()} of its own.  This one handles
-    every complete reply of a read in the same call, so a burst of events
-    that arrived together is written together (one C{send()} per recipient
-    per turn, as with the embedded engine).
-    """
-
-    _rest = b""
-    #: The length the buffer must reach before the last incomplete reply
-    #: can be complete (so a large message is not parsed again per chunk).
-    _need = 0
-
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        buf = self._rest + data if self._rest else data
-        if len(buf) < self._need:
-            self._rest = buf
-            return
-        pos, size = 0, len(buf)
-        reply_received = self.replyReceived  # type: ignore[attr-defined]
-        self._rest, self._need = b"", 0
-        while pos < size:
-            try:
-                reply, pos = parse_reply(buf, pos)
-            except _Incomplete as incomplete:
-                self._rest, self._need = buf[pos:], incomplete.need - pos
-                return
-            except (ValueError, IndexError):
-                log.error("Redis sent something that is not a reply; reconnecting")
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-                return
-            reply_received(reply)
 
 
 class ConnectionFactory(Factory):
@@ -281,7 +197,7 @@ def protocol_classes() -> tuple[type, type]:
             super().connectionLost(why)
             self.factory.lost(self)
 
-    class SubscriberProtocol(WholeReadParser, txredisapi.SubscriberProtocol):
+    class SubscriberProtocol(txredisapi.SubscriberProtocol):
         def connectionMade(self) -> Deferred[Any]:
             return ready_when_connected(self, super().connectionMade())
 
