@@ -23,7 +23,7 @@ from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from happyrobot import auth, backend, logs, workers
+from happyrobot import StartupError, auth, backend, logs, workers
 from happyrobot.bus import Bus, LocalBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from happyrobot.history import Histories
@@ -112,43 +112,6 @@ class IServerReactor(IWorkerReactor, IReactorTCP):
     What the server's services use of their reactor (the reactors twistd
     runs provide all of it).
     """
-
-
-class StartupError(SystemExit, Exception):
-    """
-    What stops start-up: a bad setting, or a port that cannot be bound;
-    its code is one line, C{"happyrobot-ws: MESSAGE"}.  twistd reports it,
-    with exit status 1, whether it runs in the foreground (C{-n}) or
-    daemonizes:
-
-      - as a L{SystemExit}, Python prints the line instead of a traceback
-        (in daemon mode, to the log file);
-      - as an L{Exception} raised while the application starts, twistd
-        removes the pid file and, when it daemonizes, writes the error
-        (C{"happyrobot.tap.StartupError: happyrobot-ws: MESSAGE"}, cut at
-        100 bytes) to the parent that waits for the start, which prints it
-        and exits with 1.  A bare C{SystemExit} is not reported: that
-        parent would wait forever and the pid file would stay.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"happyrobot-ws: {message}")
-
-
-class ServerService(MultiService):
-    """
-    The root of the server's services.  A child that stops start-up with a
-    bare L{SystemExit} (L{workers.ReusePortService}'s port) stops it with a
-    L{StartupError} instead, so that twistd reports it in daemon mode too.
-    """
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except StartupError:
-            raise
-        except SystemExit as e:
-            raise StartupError(str(e.code).removeprefix("happyrobot-ws: ")) from None
 
 
 class ListeningService(twisted_seam.RaisingEndpointService):
@@ -378,7 +341,7 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
         # users expect from a bad flag.
         raise StartupError(str(e)) from None
     logs.set_level(config.log_level)
-    service = ServerService()
+    service = MultiService()
     # First child, with the bus as its child: the bus starts connecting to
     # Redis before the port opens, and stops only after the drain.
     drain = DrainService(

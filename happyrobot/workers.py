@@ -33,7 +33,7 @@ from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from happyrobot import logs
+from happyrobot import StartupError, logs
 from happyrobot.timers import cancel_if_active
 
 log = logs.get_logger(__name__)
@@ -94,8 +94,7 @@ class ReusePortService(Service):
                 sock.bind((interface, port))
                 sock.listen(1024)
             except OSError as e:
-                raise SystemExit(f"happyrobot-ws: PORT: cannot listen on {interface or '*'}:{port}: "
-                                 f"{e.strerror or e}") from None
+                raise StartupError(f"PORT: {interface or '*'}:{port}: {e.strerror or e}") from None
             sock.setblocking(False)
             self._port = self._reactor.adoptStreamPort(sock.fileno(), family, self._factory)
         finally:

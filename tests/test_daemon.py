@@ -143,9 +143,8 @@ class DaemonStartFailureTests(TestCase):
                         {"WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:1/0"})
         code, timed_out = await daemon.ended()
         self.assert_failed(daemon, code, timed_out)
-        why = f"happyrobot-ws: PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
-        # twistd passes on the first 100 bytes, with the class name
-        self.assertIn(why[:60].encode(), daemon.proc.output)
+        why = f"happyrobot-ws: PORT: 127.0.0.1:{port}: Address already in use"
+        self.assertIn(f"StartupError: {why}'".encode(), daemon.proc.output)  # whole
         self.assert_logged(daemon, why)
 
     async def test_bad_setting(self) -> None:

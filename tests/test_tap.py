@@ -19,9 +19,9 @@ from twisted.plugin import getPlugins
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot import logs
+from happyrobot import StartupError, logs
 from happyrobot.config import Config
-from happyrobot.tap import Options, ServerService, StartupError, build_factory, makeService
+from happyrobot.tap import Options, build_factory, makeService
 from happyrobot.web import make_site
 from tests.helpers import ServerTestCase
 
@@ -233,21 +233,22 @@ class StartupErrorTests(SynchronousTestCase):
                               MemoryReactorClock())
         self.assertTrue(e.code.startswith("happyrobot-ws: PORT must be"), e.code)
 
-    def test_child_system_exit_becomes_startup_error(self) -> None:
-        """A child service's bare SystemExit (the workers' port) becomes a StartupError."""
+    def test_workers_port(self) -> None:
+        """The workers' port that cannot be bound stops start-up with a StartupError too."""
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
 
-        class Exits(Service):
-            def privilegedStartService(self) -> None:
-                raise SystemExit("happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
+        from happyrobot import workers
+        from happyrobot.web import make_site
 
-        root = ServerService()
-        Exits().setServiceParent(root)
-        e = self.assertRaises(StartupError, root.privilegedStartService)
-        self.assertEqual(e.code, "happyrobot-ws: PORT: cannot listen on *:80: Permission denied")
-
-    def test_make_service_root(self) -> None:
-        """makeService's root is the ServerService."""
-        self.assertIsInstance(makeService(options(), MemoryReactorClock()), ServerService)
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        service = workers.ReusePortService(
+            reactor, f"tcp:{port}:interface=127.0.0.1", make_site(build_factory(Config(), reactor)))
+        e = self.assertRaises(StartupError, service.privilegedStartService)
+        self.assertEqual(e.code, f"happyrobot-ws: PORT: 127.0.0.1:{port}: Address already in use")
 
 
 class SilentClient(WebSocketClientProtocol):
@@ -425,7 +426,6 @@ class DrainTests(SynchronousTestCase):
 
     def test_children_stop_after_the_drain(self) -> None:
         """The bus (a child) keeps running until the last connection is gone."""
-        from twisted.application.service import Service
 
         from happyrobot.tap import DrainService
 

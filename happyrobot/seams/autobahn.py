@@ -36,8 +36,8 @@ from typing import Any
 
 import autobahn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.defer import succeed
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure

@@ -11,7 +11,10 @@ of failing later:
     as hooks;
   - L{HookedRequest}: C{Request.handleContentChunk} ("not intended for users");
   - L{emit_known_level}: what C{Logger.emit} builds and hands to its
-    observer, after the level check that L{happyrobot.logs} makes cheaper.
+    observer, after the level check that L{happyrobot.logs} makes cheaper;
+  - L{happyrobot.StartupError} relies on twistd reporting an exception
+    raised while the application starts to the parent that waits for a
+    daemon's start (no attribute: the daemon tests hold it).
 
 The rest of happyrobot keeps to Twisted's public API: no attribute that
 starts with an underscore, no override of a method not documented for it.
