@@ -219,6 +219,19 @@ class ProjectAuthorizer:
         self._timeout = timeout_seconds
         self._cache: dict[tuple[str, str], tuple[bool, float]] = {}
         self._inflight: dict[tuple[str, str], list[Deferred[bool]]] = {}
+        #: Pairs revoked while their request was under way: its answer is "no".
+        self._revoked: set[tuple[str, str]] = set()
+
+    def forget(self, user_id: str, project_id: str) -> None:
+        """
+        Drop the cached answer for the pair (its access was revoked): the
+        next question asks the back end again.  A request already under way
+        may carry the answer from before the revocation: it counts as "no".
+        """
+        pair = (user_id, project_id)
+        self._cache.pop(pair, None)
+        if pair in self._inflight:
+            self._revoked.add(pair)
 
     def allowed(self, user_id: str, project_id: str) -> Deferred[bool]:
         """
@@ -243,7 +256,11 @@ class ProjectAuthorizer:
         return d
 
     def _answered(self, answer: bool, pair: tuple[str, str]) -> None:
-        self._cache[pair] = (bool(answer), self._clock.seconds() + self._ttl)
+        if pair in self._revoked:  # not cached: the next question asks again
+            self._revoked.discard(pair)
+            answer = False
+        else:
+            self._cache[pair] = (bool(answer), self._clock.seconds() + self._ttl)
         if len(self._cache) > 100_000:  # bound memory: drop the oldest half
             for key in list(self._cache)[: len(self._cache) // 2]:
                 del self._cache[key]
@@ -252,5 +269,6 @@ class ProjectAuthorizer:
 
     def _unanswered(self, reason: Failure, pair: tuple[str, str]) -> None:
         log.error("project authorization unavailable: {why}", why=reason.getErrorMessage())
+        self._revoked.discard(pair)
         for d in self._inflight.pop(pair, []):
             d.errback(reason)

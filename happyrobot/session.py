@@ -260,6 +260,28 @@ class Session(SessionBase):
         for project_id in list(self.projects):
             self.shared.registry.leave(project_id, self)
         self.projects = _NO_ROOMS
+        self.shared.registry.gone(self, self.user_id)
+
+    def revoke(self, project_id: str, message: str) -> bool:
+        """
+        Leave C{project_id}, which this user may no longer see, and say so
+        with an ERROR C{ACCESS_REVOKED} naming it; the connection and its
+        other rooms stay.  Whether it was in the room.
+        """
+        if project_id not in self.projects:
+            return False
+        self._rooms().discard(project_id)
+        self.shared.registry.leave(project_id, self)
+        if self.open:
+            self._error(messages.ProtocolError("ACCESS_REVOKED", message, project_id=project_id))
+        return True
+
+    def disconnect(self, code: int, reason: str) -> bool:
+        """Start closing with C{code} (an operator's disconnect); whether it was still open."""
+        if not self.open:
+            return False
+        self.connection.start_close(code, reason)
+        return True
 
     def _rooms(self) -> set[str]:
         """L{projects} as a set this session may change (made at the first join)."""
@@ -305,7 +327,9 @@ class Session(SessionBase):
     def _set_user(self, user_id: str, user_info: Mapping[str, str]) -> None:
         if user_id == self.user_id and user_info == self._user_info:
             return
-        self.user_id = user_id
+        previous, self.user_id = self.user_id, user_id
+        if previous != user_id:
+            self.shared.registry.identified(self, previous)
         self._user_info = dict(user_info)
         self.initials = messages.initials(user_id, user_info)
         self.shared.registry.member_changed(self.projects)
