@@ -97,16 +97,18 @@ class Actions:
     def _connections(self, user_id: str) -> list[Removable]:
         return cast("list[Removable]", self.registry.connections_of(user_id))
 
-    def revoke(self, project_id: str, user_id: str, reason: str | None) -> int:
+    def revoke(
+        self, project_id: str, user_id: str, reason: str | None, forget: bool = True
+    ) -> int:
         """
         Take each connection of C{user_id} in C{project_id} out of the room
         (the others get the new USER_PRESENCE; the connection gets
-        ACCESS_REVOKED and stays open), and forget the authorizer's answer
-        for the pair, so a new join asks the back end again.
+        ACCESS_REVOKED and stays open), and, with C{forget}, drop the
+        authorizer's answer for the pair, so a new join asks the back end again.
 
         @return: how many connections left the room.
         """
-        if self.authorizer is not None:
+        if forget and self.authorizer is not None:
             self.authorizer.forget(user_id, project_id)
         message = revoked_message(project_id, reason)
         removed = sum(1 for c in self._connections(user_id) if c.revoke(project_id, message))
