@@ -39,7 +39,10 @@ class AccessWatch:
     Re-checks of project access for this instance's members.
 
     @param actions: removes the members a re-check says no to.
-    @param period: at the latest how often a pair is re-checked.
+    @param period: at the latest how often a pair is re-checked (at
+        least every second); 0 (answers are not cached) re-checks only on
+        a fresh token, since a timer per second and pair would flood the
+        back end.
     """
 
     def __init__(self, authorizer: ProjectAuthorizer, actions: Actions, clock: IReactorTime,
@@ -47,7 +50,7 @@ class AccessWatch:
         self._authorizer = authorizer
         self._actions = actions
         self._clock = clock
-        self.period = max(period, 1.0)
+        self.period = max(period, 1.0) if period > 0 else 0.0
         #: (due, user id, project id), one entry per watched pair.
         self._due: list[tuple[float, str, str]] = []
         self._watched: set[tuple[str, str]] = set()
@@ -58,7 +61,7 @@ class AccessWatch:
     def joined(self, user_id: str, project_id: str) -> None:
         """A connection of C{user_id} joined C{project_id} with the back end's yes."""
         pair = (user_id, project_id)
-        if pair in self._watched:
+        if pair in self._watched or not self.period:
             return
         self._watched.add(pair)
         heapq.heappush(self._due, (self._clock.seconds() + self.period, user_id, project_id))

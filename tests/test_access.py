@@ -293,3 +293,17 @@ class RefreshOverWebSocketTests(ServerTestCase):
         self.assertEqual((err["code"], err["projectId"]), ("ACCESS_REVOKED", "p1"))
         self.assertLess(reactor.seconds() - started, 2.0)
         self.assertNotIn("p1", self.factory.registry)
+
+
+class NoCacheTests(SynchronousTestCase):
+    """PROJECT_AUTH_CACHE_SECONDS=0: no periodic re-check, one per token refresh."""
+
+    def test_zero_period(self) -> None:
+        s = _Server()
+        assert s.shared.access is not None
+        s.shared.access.period = 0.0
+        session, _ = s.member("c1", "u1", "p1")
+        self.assertEqual(s.clock.getDelayedCalls()[0].func.__name__, "_token_expired")
+        self.assertEqual(len(s.clock.getDelayedCalls()), 1)
+        s.identify(session, "u1", "fresh")
+        self.assertEqual(len(s.backend.requests), 2)
