@@ -211,8 +211,8 @@ def _int_arg(args: Mapping[bytes, list[bytes]], name: str) -> int | None:
     if not values:
         return None
     text = values[0].decode("ascii", "replace")
-    if not text.isdigit() or len(text) > 19:
-        raise BadRequest(f"{name} must be a non-negative integer")
+    if not text.isdigit() or len(text) > 19 or int(text) >= 2**63:
+        raise BadRequest(f"{name} must be a non-negative integer below 2**63")
     return int(text)
 
 

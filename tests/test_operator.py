@@ -237,7 +237,8 @@ class PresenceAndEventsTests(ServerTestCase):
         self.start_server()
         for query, says in [("", "since"), ("?since=-1", "since"), ("?since=x", "since"),
                             ("?since=1&limit=0", "limit"), ("?since=1&limit=1001", "limit"),
-                            ("?since=1&limit=1e3", "limit"), ("?since=" + "9" * 30, "since")]:
+                            ("?since=1&limit=1e3", "limit"), ("?since=" + "9" * 30, "since"),
+                            ("?since=9223372036854775808", "since")]:
             code, body, _ = await self.http("GET", "/projects/p1/events" + query)
             self.assertEqual(code, 400, query)
             self.assertIn(says, body["error"], query)

@@ -170,3 +170,35 @@ class ReadAcrossInstancesTests(RedisTestCase):
         self.assertEqual((body["events"], body["hasMore"]), (got[1:2], True))
         code, body, _ = await a.http("GET", "/projects/p1/events?since=0")
         self.assertEqual((body["resyncRequired"], body["seq"]), (True, got[-1]["seq"]))
+
+
+class RecheckAcrossInstancesTests(RedisTestCase):
+    """A token refresh on instance B, after the back end changed its answer."""
+
+    async def test_token_refresh_removes_the_member_everywhere_it_shows(self) -> None:
+        from tests.test_auth import token, verifier
+
+        backend = Backend({("user_t", "p1"), ("user_o", "p1")})
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Site(backend))
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/can-join"
+        redis = await self.start_redis()
+        a = await self.start_node(redis, project_auth_url=url, project_auth_cache_seconds=600.0)
+        b = await self.start_node(redis, project_auth_url=url, project_auth_cache_seconds=600.0)
+        for node in (a, b):
+            node.factory.verifier = verifier()
+        other = await a.connect()
+        other.send_json({"type": "SET_USER", "payload": {"token": token("user_o")}})
+        other.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        member = await b.connect()
+        member.send_json({"type": "SET_USER", "payload": {"token": token("user_t")}})
+        member.send_json({"type": "JOIN_PROJECT", "projectId": "p1"})
+        await presence_of(other, {"user_o", "user_t"})
+        backend.allowed.discard(("user_t", "p1"))
+        member.send_json({"type": "SET_USER", "payload": {"token": token("user_t", exp=2e9)}})
+        err = await member.next_of("ERROR")
+        self.assertEqual((err["code"], err["projectId"]), ("ACCESS_REVOKED", "p1"))
+        await presence_of(other, {"user_o"})
+        code, body, _ = await a.http("GET", "/projects/p1/presence")
+        self.assertEqual([u["userId"] for u in body["users"]], ["user_o"])
