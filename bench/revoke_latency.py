@@ -132,7 +132,9 @@ async def run(reactor: Any, opts: argparse.Namespace) -> dict[str, Any]:
                             "-n", "--pidfile=", "happyrobot-ws", "--env-file=",
                             "--port", "tcp:0:interface=127.0.0.1"], env)
             output = await bounded(server.wait_for(b"starting on "), f"server {name}")
-            ports.append(int(re.search(rb"starting on (\d+)", output).group(1)))  # type: ignore[union-attr]
+            found = re.search(rb"starting on (\d+)", output)
+            assert found is not None
+            ports.append(int(found.group(1)))
         port_a, port_b = ports
 
         factory = WebSocketClientFactory(f"ws://127.0.0.1:{port_b}/ws")

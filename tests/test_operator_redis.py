@@ -70,7 +70,8 @@ class RevokeAcrossInstancesTests(RedisTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(body, {"success": True, "projectId": "p1", "userId": "user_m",
                                 "connections": 1, "instances": 2})
-        self.assertFalse(b.factory.registry.is_member("p1", m.client_id))  # type: ignore[attr-defined]
+        client_id = m.client_id  # type: ignore[attr-defined]
+        self.assertFalse(b.factory.registry.is_member("p1", client_id))
         await presence_of(other, {"user_k", "user_o"})
         # A later event of p1 reaches B's other member, not m; p2's reaches m.
         await a.http("POST", "/broadcast", {"type": "NOTE", "projectId": "p1"})

@@ -89,7 +89,6 @@ class RedisBus(Service):
     @param connection_count: how many WebSockets this instance has open (for /stats).
     @param on_read_done: called after each read of the subscription has
         been handled, so what it delivered is written at once, not next turn.
-    @param actions: what operator calls do here (L{RedisOperator}).
     """
 
     engine = "redis"
