@@ -6,10 +6,13 @@ connections, and presence and events read the whole deployment.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from tests.helpers import Client, Node, RedisServer, RedisTestCase
@@ -203,3 +206,40 @@ class RecheckAcrossInstancesTests(RedisTestCase):
         await presence_of(other, {"user_o"})
         code, body, _ = await a.http("GET", "/projects/p1/presence")
         self.assertEqual([u["userId"] for u in body["users"]], ["user_o"])
+
+
+class ControlMessageTests(SynchronousTestCase):
+    """What arrives on the control channels, handled without a Redis connection."""
+
+    def test_malformed_ignored_and_calls_acted_on(self) -> None:
+        from twisted.logger import LogLevel, capturedLogs
+
+        from happyrobot.redis.bus import RedisBus
+        from happyrobot.redis.keys import CONTROL_CHANNEL, reply_channel
+        from happyrobot.rooms import RoomRegistry
+
+        clock = Clock()
+        registry = RoomRegistry(clock, 0.0)
+        bus = RedisBus(registry, "redis://127.0.0.1:1/0", clock)
+        closed: list[tuple[int, str]] = []
+
+        class Connection:
+            client_id, user_id, initials, projects = "c1", "u1", "U1", frozenset()
+
+            def disconnect(self, code: int, reason: str) -> bool:
+                closed.append((code, reason))
+                return True
+
+        registry.identified(Connection(), None)  # type: ignore[arg-type]
+        with capturedLogs() as captured:
+            for data in (b"not json", b"[1]", b'{"op":"disconnect"}',
+                         b'{"op":"revoke","id":"1","from":"x","userId":"u1","projectId":7}'):
+                bus.operator.received(CONTROL_CHANNEL, data)
+            bus.operator.received(reply_channel(b"nobody"), b"{}")
+        warnings = [e for e in captured if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 4)
+        self.assertEqual(closed, [])
+        bus.operator.received(CONTROL_CHANNEL, json.dumps(
+            {"op": "disconnect", "id": "2", "from": "x", "userId": "u1", "reason": "bye"}).encode())
+        bus.operator.received(CONTROL_CHANNEL, b'{"op":"future","id":"3","from":"x"}')
+        self.assertEqual(closed, [(4403, "bye")])
