@@ -5,8 +5,10 @@ console script).
 ``tail <projectId>`` connects like a browser would (SET_USER, then
 JOIN_PROJECT) and prints the room's messages as JSON lines as they arrive;
 ``publish <projectId> <type> <json>`` sends one event through
-``POST /broadcast`` and prints the server's reply.  Exit codes: 0 done, 1
-failure (with a one-line message on stderr), 2 usage error.
+``POST /broadcast`` and prints the server's reply; ``presence``, ``revoke``
+and ``disconnect`` call the operator API (L{happyrobot.cli_operator}).
+Exit codes: 0 done, 1 failure (with a one-line message on stderr), 2
+usage error.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
-from happyrobot import __version__, logs
+from happyrobot import __version__, cli_operator, logs
+from happyrobot.cli_operator import CommandError
 
 log = logs.get_logger(__name__)
 
@@ -41,10 +44,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: How long Ctrl-C on ``tail`` waits for the WebSocket's close handshake.
 CLOSE_TIMEOUT_SECONDS = 3.0
-
-
-class CommandError(Exception):
-    """A failure to report as one line on stderr, with exit code 1."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -124,6 +123,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                          help="the acting user, so that their own tabs skip the event")
     publish.add_argument("--operation-id", default=None,
                          help="the event's operationId (default: made by the server)")
+    cli_operator.add_commands(commands, environ)
     return parser
 
 
@@ -344,7 +344,7 @@ async def publish(reactor: IClientReactor, args: argparse.Namespace, out: TextIO
 
 # ----------------------------------------------------------------------- main
 
-_COMMANDS = {"tail": tail, "publish": publish}
+_COMMANDS = {"tail": tail, "publish": publish, **cli_operator.COMMANDS}
 
 
 async def run(reactor: IClientReactor, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -219,6 +219,50 @@ class ProjectAuthorizer:
         self._timeout = timeout_seconds
         self._cache: dict[tuple[str, str], tuple[bool, float]] = {}
         self._inflight: dict[tuple[str, str], list[Deferred[bool]]] = {}
+        #: Pairs revoked while their request was under way: its answer is "no".
+        self._revoked: set[tuple[str, str]] = set()
+        #: When each pair was last re-checked (L{recheck}).
+        self._rechecked: dict[tuple[str, str], float] = {}
+        #: Pairs whose request under way is a re-check: its failure is the caller's to log.
+        self._quiet: set[tuple[str, str]] = set()
+
+    def rechecked_at(self, user_id: str, project_id: str) -> float | None:
+        """When the pair's access was last re-checked with the back end, if it was."""
+        return self._rechecked.get((user_id, project_id))
+
+    def recheck(self, user_id: str, project_id: str) -> Deferred[bool]:
+        """
+        Ask the back end again whether a member may stay (a fresh session
+        token, or a long-lived member): a new request, unless the pair was
+        re-checked less than C{ttl_seconds} ago, when the cached answer (or
+        the request under way) is the answer.  So there is at most one
+        re-check request per pair per period, however many connections ask.
+        A failure is not logged here (the caller logs an outage once).
+        """
+        pair = (user_id, project_id)
+        now = self._clock.seconds()
+        last = self._rechecked.get(pair)
+        if last is None or now - last >= self._ttl:
+            self._rechecked.pop(pair, None)  # re-inserted last: the dict stays in time order
+            self._rechecked[pair] = now
+            if len(self._rechecked) > 100_000:  # bound memory: drop the oldest half
+                for key in list(self._rechecked)[: len(self._rechecked) // 2]:
+                    del self._rechecked[key]
+            if pair not in self._inflight:
+                self._cache.pop(pair, None)
+                self._quiet.add(pair)
+        return self.allowed(user_id, project_id)
+
+    def forget(self, user_id: str, project_id: str) -> None:
+        """
+        Drop the cached answer for the pair (its access was revoked): the
+        next question asks the back end again.  A request already under way
+        may carry the answer from before the revocation: it counts as "no".
+        """
+        pair = (user_id, project_id)
+        self._cache.pop(pair, None)
+        if pair in self._inflight:
+            self._revoked.add(pair)
 
     def allowed(self, user_id: str, project_id: str) -> Deferred[bool]:
         """
@@ -243,7 +287,12 @@ class ProjectAuthorizer:
         return d
 
     def _answered(self, answer: bool, pair: tuple[str, str]) -> None:
-        self._cache[pair] = (bool(answer), self._clock.seconds() + self._ttl)
+        self._quiet.discard(pair)
+        if pair in self._revoked:  # not cached: the next question asks again
+            self._revoked.discard(pair)
+            answer = False
+        else:
+            self._cache[pair] = (bool(answer), self._clock.seconds() + self._ttl)
         if len(self._cache) > 100_000:  # bound memory: drop the oldest half
             for key in list(self._cache)[: len(self._cache) // 2]:
                 del self._cache[key]
@@ -251,6 +300,10 @@ class ProjectAuthorizer:
             d.callback(bool(answer))
 
     def _unanswered(self, reason: Failure, pair: tuple[str, str]) -> None:
-        log.error("project authorization unavailable: {why}", why=reason.getErrorMessage())
+        if pair in self._quiet:
+            self._quiet.discard(pair)
+        else:
+            log.error("project authorization unavailable: {why}", why=reason.getErrorMessage())
+        self._revoked.discard(pair)
         for d in self._inflight.pop(pair, []):
             d.errback(reason)

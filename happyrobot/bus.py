@@ -24,6 +24,7 @@ from happyrobot import logs
 from happyrobot.framing import text_frame
 from happyrobot.history import Histories, OpKey
 from happyrobot.messages import ProtocolError
+from happyrobot.operator import Actions, LocalOperator, Operator
 from happyrobot.rooms import RoomRegistry
 
 log = logs.get_logger(__name__)
@@ -48,6 +49,9 @@ class Bus(Protocol):
 
     #: Which engine this is (``local`` or ``redis``), for /metrics.
     engine: str
+    @property
+    def operator(self) -> Operator:
+        """The operator API's actions (revoke, disconnect, presence) across the deployment."""
 
     @property
     def healthy(self) -> bool:
@@ -104,6 +108,7 @@ class LocalBus(Service):
     events have all aged out.
 
     @param connection_count: how many WebSockets this process has open (for /stats).
+    @param actions: what operator calls do here (with the project authorizer).
     """
 
     healthy = True
@@ -115,8 +120,10 @@ class LocalBus(Service):
         histories: Histories,
         clock: IReactorTime,
         connection_count: Callable[[], int] = lambda: 0,
+        actions: Actions | None = None,
     ) -> None:
         self._registry = registry
+        self.operator = LocalOperator(actions or Actions(registry))
         self._histories = histories
         self._clock = clock
         self._connection_count = connection_count

@@ -62,11 +62,16 @@ class ProtocolError(Exception):
     adapter answers with an ``ERROR`` frame carrying C{code} and C{message}.
     """
 
-    def __init__(self, code: str, message: str, operation_id: str | None = None):
+    def __init__(
+        self, code: str, message: str, operation_id: str | None = None,
+        project_id: str | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.operation_id = operation_id
+        #: (v2) the room the error is about, when it is about one (ACCESS_REVOKED).
+        self.project_id = project_id
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,25 @@ def _project_id(obj: Mapping[str, Any], op: str | None) -> str:
             op,
         )
     return value
+
+
+def check_project_id(value: Any) -> str:
+    """
+    C{value} if it is a valid projectId (as in client messages), for ids
+    that come another way (an operator endpoint's path).
+
+    @raise ProtocolError: C{MISSING_PROJECT_ID} or C{INVALID_PROJECT_ID}.
+    """
+    return _project_id({"projectId": value}, None)
+
+
+def check_user_id(value: Any) -> str:
+    """
+    C{value} if it is a valid userId (as in client messages).
+
+    @raise ProtocolError: C{INVALID_USER_ID}.
+    """
+    return _user_id(value, None)
 
 
 def _has_surrogate(value: str) -> bool:
@@ -483,6 +507,8 @@ def error(error: ProtocolError, now_ms: int) -> bytes:
     }
     if error.operation_id is not None:
         msg["operationId"] = error.operation_id
+    if error.project_id is not None:
+        msg["projectId"] = error.project_id
     return dumps(msg)
 
 

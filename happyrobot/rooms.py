@@ -138,6 +138,9 @@ class RoomRegistry:
         self.on_deliver = on_deliver
         #: Told about rooms and presence (the Redis bus), if anyone: see L{listen}.
         self.listener: RoomListener | None = None
+        #: Every identified connection (in rooms or not) by user id, then
+        #: client id: who an operator call (revoke, disconnect) is about.
+        self.users: dict[str, dict[str, Member]] = {}
 
     def listen(self, listener: RoomListener) -> None:
         """
@@ -169,6 +172,10 @@ class RoomRegistry:
     def active_users(self, project_id: str) -> list[dict[str, Any]]:
         room = self._rooms.get(project_id)
         return room.active_users() if room else []
+
+    def connections_of(self, user_id: str) -> list[Member]:
+        """The connections of C{user_id} on this server, in rooms or not."""
+        return list(self.users.get(user_id, {}).values())
 
     def snapshot(self) -> dict[str, list[str]]:
         """Project id to the client ids in it, for /stats."""
@@ -223,6 +230,23 @@ class RoomRegistry:
         else:
             self._announce(room)
         return True
+
+    def identified(self, member: Member, previous: str | None) -> None:
+        """C{member} now has its C{user_id} (its user was C{previous}): index it by user."""
+        if previous is not None:
+            self.gone(member, previous)
+        if member.user_id is not None:
+            self.users.setdefault(member.user_id, {})[member.client_id] = member
+
+    def gone(self, member: Member, user_id: str | None) -> None:
+        """C{member}, of C{user_id}, is no longer that user's (it closed, or changed user)."""
+        if user_id is None:
+            return
+        connections = self.users.get(user_id)
+        if connections is not None and connections.get(member.client_id) is member:
+            del connections[member.client_id]
+            if not connections:
+                del self.users[user_id]
 
     def member_changed(self, project_ids: Iterable[str]) -> None:
         """A member of these rooms changed its user: re-announce presence."""

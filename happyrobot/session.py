@@ -29,10 +29,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from happyrobot import auth, logs, messages, security
+from happyrobot.access import AccessWatch
 from happyrobot.bus import Bus, Replay
 from happyrobot.config import Config
 from happyrobot.framing import binary_frame, text_frame
 from happyrobot.metrics import Metrics
+from happyrobot.operator import Actions
 from happyrobot.rooms import RoomRegistry, Writer
 from happyrobot.timers import cancel_if_active
 
@@ -88,6 +90,14 @@ class Shared:
     #: A callback (result, received_at) for each event appended, which
     #: passes the result on (the event latency metric).
     time_event: Callable[[Any, float], Any] = _untimed
+    #: Re-checks project access (made here when there is an authorizer).
+    access: AccessWatch | None = None
+
+    def __post_init__(self) -> None:
+        if self.authorizer is not None and self.access is None:
+            self.access = AccessWatch(
+                self.authorizer, Actions(self.registry, self.authorizer), self.clock,
+                self.config.project_auth_cache_seconds)
 
 
 class SessionBase:
@@ -260,6 +270,31 @@ class Session(SessionBase):
         for project_id in list(self.projects):
             self.shared.registry.leave(project_id, self)
         self.projects = _NO_ROOMS
+        registry = self.shared.registry
+        registry.gone(self, self.user_id)
+        if self.shared.access is not None and not len(registry):
+            self.shared.access.idle()  # no member left to re-check
+
+    def revoke(self, project_id: str, message: str) -> bool:
+        """
+        Leave C{project_id}, which this user may no longer see, and say so
+        with an ERROR C{ACCESS_REVOKED} naming it; the connection and its
+        other rooms stay.  Whether it was in the room.
+        """
+        if project_id not in self.projects:
+            return False
+        self._rooms().discard(project_id)
+        self.shared.registry.leave(project_id, self)
+        if self.open:
+            self._error(messages.ProtocolError("ACCESS_REVOKED", message, project_id=project_id))
+        return True
+
+    def disconnect(self, code: int, reason: str) -> bool:
+        """Start closing with C{code} (an operator's disconnect); whether it was still open."""
+        if not self.open:
+            return False
+        self.connection.start_close(code, reason)
+        return True
 
     def _rooms(self) -> set[str]:
         """L{projects} as a set this session may change (made at the first join)."""
@@ -305,7 +340,9 @@ class Session(SessionBase):
     def _set_user(self, user_id: str, user_info: Mapping[str, str]) -> None:
         if user_id == self.user_id and user_info == self._user_info:
             return
-        self.user_id = user_id
+        previous, self.user_id = self.user_id, user_id
+        if previous != user_id:
+            self.shared.registry.identified(self, previous)
         self._user_info = dict(user_info)
         self.initials = messages.initials(user_id, user_info)
         self.shared.registry.member_changed(self.projects)
@@ -333,6 +370,9 @@ class Session(SessionBase):
         def verified(identity: auth.Identity) -> None:
             self._accept_identity(identity)
             self._claim(msg.user_id, msg.user_info)
+            access = self.shared.access
+            if access is not None and self.projects and self.user_id is not None:
+                access.refreshed(self.user_id, list(self.projects))  # a fresh token: re-check
 
         return d.addCallbacks(verified, _unauthorized)
 
@@ -385,14 +425,18 @@ class Session(SessionBase):
                 raise messages.ProtocolError(
                     "FORBIDDEN", f"Not allowed to join project {project_id}"
                 )
-            return self._join(project_id, msg.since)
+            joining = self._join(project_id, msg.since)
+            if self.shared.access is not None and project_id in self.projects:
+                self.shared.access.joined(user_id, project_id)  # re-checked from now on
+            return joining
 
         def unanswered(failure: Failure) -> None:
             raise messages.ProtocolError(
                 "AUTH_UNAVAILABLE", "Project authorization is unavailable; try again later"
             )
 
-        return authorizer.allowed(self.user_id, project_id).addCallbacks(answered, unanswered)
+        user_id = self.user_id
+        return authorizer.allowed(user_id, project_id).addCallbacks(answered, unanswered)
 
     def _join(self, project_id: str, since: int | None = None) -> Deferred[None] | None:
         if not self.open:

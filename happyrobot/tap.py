@@ -28,6 +28,7 @@ from happyrobot.bus import Bus, LocalBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
+from happyrobot.operator import Actions
 from happyrobot.redis.bus import RedisBus
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import Unsupported
@@ -234,20 +235,6 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
         reactor, config.presence_window_seconds, fan_out=flusher.fan_out,
         on_deliver=metrics.fanout,
     )
-    bus: Bus
-    if config.redis_url:
-        bus = RedisBus(
-            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
-            history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
-            connection_count=connections.__len__, on_read_done=flusher.write_turn,
-        )
-    else:
-        histories = Histories(
-            config.history_size, config.history_ttl_seconds,
-            config.history_max_bytes, config.history_total_bytes,
-        )
-        bus = LocalBus(registry, histories, reactor, connections.__len__)
-    metrics.watch(registry, bus)
     # Keep-alive connections to the back end and the identity provider,
     # closed on shutdown.
     http_pool = HTTPConnectionPool(reactor)
@@ -259,6 +246,23 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
             ttl_seconds=config.project_auth_cache_seconds,
             timeout_seconds=config.project_auth_timeout_seconds,
         )
+    # What operator calls (revoke, disconnect) do on this instance.
+    actions = Actions(registry, authorizer)
+    bus: Bus
+    if config.redis_url:
+        bus = RedisBus(
+            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
+            history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
+            connection_count=connections.__len__, on_read_done=flusher.write_turn,
+            actions=actions,
+        )
+    else:
+        histories = Histories(
+            config.history_size, config.history_ttl_seconds,
+            config.history_max_bytes, config.history_total_bytes,
+        )
+        bus = LocalBus(registry, histories, reactor, connections.__len__, actions)
+    metrics.watch(registry, bus)
     return CollabFactory(
         config, registry, bus, reactor, connections=connections, metrics=metrics,
         flusher=flusher, verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,

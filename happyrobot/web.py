@@ -405,6 +405,9 @@ class Root(Resource):
         )
         self.putChild(b"metrics", MetricsEndpoint(factory))
         self.putChild(b"dashboard", Dashboard(factory))
+        from happyrobot import web_operator  # it builds on this module's Endpoint
+
+        web_operator.add_routes(self, factory)
         if factory.config.conformance_echo:
             # /echo for the Autobahn|Testsuite, behind the same checks as /ws.
             self.putChild(b"echo", OriginCheckedWebSocket(factory, echo=True))

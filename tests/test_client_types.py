@@ -124,7 +124,8 @@ class AgreementTests(SynchronousTestCase):
         exported = _names(r"^export (?:const|class|function) (\w+)", script)
         declared_names = _names(r"^export declare (?:const|class|function) (\w+)", declared)
         self.assertEqual(declared_names, exported)
-        self.assertEqual(exported, {"STATES", "HappyRobotClient", "createClient"})
+        self.assertEqual(exported, {"STATES", "HappyRobotClient", "createClient",
+                                    "CLOSE_USER_DISCONNECTED"})
         self.assertIn("\nexport default HappyRobotClient;", script)
         self.assertIn("\nexport default HappyRobotClient;", declared)
 
@@ -152,7 +153,8 @@ class AgreementTests(SynchronousTestCase):
         body = _block(read("happyrobot", "static", "client.d.ts"),
                       "export interface ClientEventMap {", "\n}")
         self.assertEqual(_names(r"^  (\w+):", body), emitted)
-        self.assertEqual(emitted, {"state", "dropped", "disconnect", "rejoin"})
+        self.assertEqual(emitted, {"state", "dropped", "disconnect", "rejoin", "revoked",
+                                   "terminated"})
 
     def test_event_types(self) -> None:
         """EventType is the server's seven relayed types."""

@@ -102,7 +102,7 @@ _OPTION = {s.env: s.option for s in SETTINGS}
 #: Files written for people who clone the repository.
 USER_DOCS = ("README.md", "CHANGELOG.md", "docs/PROTOCOL.md", "docs/operations.md", "docs/security.md",
              "docs/clients.md", "docs/development.md", "docs/performance.md", "docs/design.md",
-             "bench/run.py", "bench/paired.py", "bench/peers/node_server.mjs")
+             "docs/operator-api.md", "bench/run.py", "bench/revoke_latency.py", "bench/paired.py", "bench/peers/node_server.mjs")
 
 #: What only one machine has: its temporary folders, home directories and checkouts,
 #: and reference material beside the repository that a clone does not include.

@@ -20,11 +20,14 @@ from happyrobot.bus import Replay, Unavailable
 from happyrobot.config import redis_address
 from happyrobot.framing import text_frame
 from happyrobot.history import OpKey
+from happyrobot.operator import Actions
 from happyrobot.redis.client import RedisLink, check
+from happyrobot.redis.control import RedisOperator
 from happyrobot.redis.events import EventStore
 from happyrobot.redis.keys import (
     BATCH,
     CHANNEL_PREFIX,
+    CONTROL_PREFIX,
     EVENT,
     PRESENCE,
     channel_name,
@@ -102,7 +105,7 @@ class RedisBus(Service):
         history_size: int = 1000,
         history_ttl_seconds: float = 300.0,
         connection_count: Callable[[], int] = lambda: 0,
-        on_read_done: Callable[[], None] = lambda: None,
+        on_read_done: Callable[[], None] = lambda: None, actions: Actions | None = None,
     ) -> None:
         check()  # txredisapi has what the client relies on, or one line says what is missing
         self._registry = registry
@@ -133,6 +136,7 @@ class RedisBus(Service):
             self.link, registry, self.rooms, reactor, self.instance_id, instance_ttl,
             history_ttl_seconds, lambda: bool(self.healthy and self.running), connection_count,
         )
+        self.operator = RedisOperator(self, actions or Actions(registry))  # the operator API
         self._was_healthy = False
         registry.listen(self)
         #: SUBSCRIBE and UNSUBSCRIBE commands not yet answered.
@@ -305,6 +309,7 @@ class RedisBus(Service):
 
     def _subscriber_changed(self, up: bool) -> None:
         self.rooms.subscriber_changed(up)
+        self.operator.subscriber_changed(up)
         if not up and self.running:
             log.error("Redis link lost (subscription): this instance's members get the "
                       "rooms' events again once it is back, the missed ones from the history")
@@ -332,6 +337,8 @@ class RedisBus(Service):
 
     def _message(self, channel: bytes, data: bytes) -> None:
         """A message on one of our channels: deliver it to the local members."""
+        if channel.startswith(CONTROL_PREFIX):
+            return self.operator.received(channel, data)
         try:
             project_id = channel[_PREFIX_LENGTH:].decode("utf-8", "surrogatepass")
             kind, instance, sender, seq, body = unpack_envelope(data)

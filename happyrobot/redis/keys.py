@@ -35,6 +35,11 @@ these may change.
     C{{"startedAt", "connections", "projects": {projectId: [clientId]}}}.
     Its expiry is how the others learn that an instance died.
   - set ``happyrobot:instances``: instance ids, for ``/stats``.
+  - channel ``happyrobot:control``: operator calls (revoke, disconnect)
+    for every instance, as JSON C{{"op", "id", "from", "userId",
+    "projectId"?, "reason"?}}; each instance acts on its connections and
+    answers on the caller's channel ``happyrobot:control:reply:<instanceId>``
+    with C{{"id", "instance", "connections"}}.
 
 Both keys of a room are named in a script's C{KEYS}; they are not
 hash-tagged, so this is for a single Redis (or one with replicas), not
@@ -58,6 +63,9 @@ OP_PREFIX = b"happyrobot:op:"
 PRESENCE_PREFIX = b"happyrobot:presence:"
 INSTANCE_PREFIX = b"happyrobot:instance:"
 INSTANCES_KEY = b"happyrobot:instances"
+CONTROL_CHANNEL = b"happyrobot:control"
+#: Every control channel's name begins so (and no room's does).
+CONTROL_PREFIX = CONTROL_CHANNEL
 #: Envelope kinds: an event, a presence change.
 EVENT = b"E"
 PRESENCE = b"P"
@@ -97,6 +105,11 @@ def history_key(project_id: str) -> bytes:
 def op_key_name(project_id: str, op_key: OpKey) -> bytes:
     """The Redis string remembering the seq of one acknowledged operation."""
     return OP_PREFIX + messages.dumps([project_id, op_key[0], op_key[1]])
+
+
+def reply_channel(instance_id: bytes) -> bytes:
+    """The channel on which an instance receives the answers to its operator calls."""
+    return CONTROL_CHANNEL + b":reply:" + instance_id
 
 
 def new_instance_id() -> str:

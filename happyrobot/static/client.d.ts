@@ -26,6 +26,9 @@ export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 /** The connection states, in the order a connection normally goes through them. */
 export declare const STATES: readonly ["connecting", "open", "reconnecting", "closed"];
 
+/** (v2) The close code of a server-side disconnect of the user: the client does not reconnect. */
+export declare const CLOSE_USER_DISCONNECTED: 4403;
+
 /** The seven event types a client may send; the server relays them to the other members of the room. */
 export type EventType =
   | "TASK_CREATE"
@@ -62,6 +65,7 @@ export type ErrorCode =
   | "INVALID_SINCE"
   | "INVALID_ACK"
   | "MISSING_OPERATION_ID"
+  | "ACCESS_REVOKED"
   | "INTERNAL_ERROR";
 
 /**
@@ -127,6 +131,8 @@ export interface ErrorMessage {
   code: ErrorCode;
   /** The operationId of the offending message, when the server could read one. */
   operationId?: string;
+  /** (v2) The room the error is about (ACCESS_REVOKED). */
+  projectId?: string;
   timestamp: number;
 }
 
@@ -232,6 +238,19 @@ export interface RejoinEvent {
   since: number | null;
 }
 
+/** (v2) The "revoked" event: the server took the client out of a room; it is not joined again. */
+export interface RevokedEvent {
+  projectId: string;
+  /** The ERROR's text. */
+  reason: string;
+}
+
+/** (v2) The "terminated" event: the server disconnected the user; the client is closed for good. */
+export interface TerminatedEvent {
+  code: 4403;
+  reason: string;
+}
+
 /** An event as the client sends it; the "dropped" event hands one over. */
 export interface OutgoingEvent<P extends object = Payload> {
   type: EventType;
@@ -248,6 +267,8 @@ export interface ClientEventMap {
   dropped: OutgoingEvent;
   disconnect: DisconnectEvent;
   rejoin: RejoinEvent;
+  revoked: RevokedEvent;
+  terminated: TerminatedEvent;
 }
 
 /**
@@ -398,7 +419,7 @@ export declare class HappyRobotClient {
     options?: SendOptions,
   ): Promise<SendResult>;
 
-  /** The client's own events: "state", "dropped", "disconnect", "rejoin". */
+  /** The client's own events: "state", "dropped", "disconnect", "rejoin", "revoked", "terminated". */
   on<K extends keyof ClientEventMap>(type: K, handler: (event: ClientEventMap[K]) => void): Unsubscribe;
   /** The protocol's own messages: "USER_PRESENCE", "ERROR", "ACK", ... */
   on<K extends keyof ServerMessageMap>(type: K, handler: (message: ServerMessageMap[K]) => void): Unsubscribe;

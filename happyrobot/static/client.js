@@ -20,7 +20,10 @@
  * Events handed to on(): every server message by its `type` (upper case,
  * e.g. "TASK_UPDATE", "USER_PRESENCE", "ERROR"), "*" for every server
  * message, and the client's own lower-case events: "state", "dropped",
- * "disconnect" and "rejoin".  See docs/clients.md, "Browser client".
+ * "disconnect", "rejoin", "revoked" (the server took the client out of a
+ * room, ERROR ACCESS_REVOKED: it is not joined again) and "terminated"
+ * (the server closed the connection with CLOSE_USER_DISCONNECTED: the
+ * client does not reconnect).  See docs/clients.md, "Browser client".
  *
  * Delivery: the server ignores fields it does not know, so the client may
  * always send them.  Every join carries `since`: 0 the first time (a server
@@ -38,6 +41,12 @@
 
 /** The connection states, in the order a connection normally goes through them. */
 export const STATES = Object.freeze(["connecting", "open", "reconnecting", "closed"]);
+
+/**
+ * (v2) The close code of a server-side disconnect of the user (the operator
+ * API): final, the client closes for good instead of reconnecting.
+ */
+export const CLOSE_USER_DISCONNECTED = 4403;
 
 const DEFAULT_BASE_MS = 500;
 const DEFAULT_MAX_MS = 30000;
@@ -284,7 +293,8 @@ export class HappyRobotClient {
   /**
    * Call handler(message) for every message of this type: a server type
    * such as "TASK_UPDATE", "*" for all server messages, or one of the
-   * client's events ("state", "dropped", "disconnect", "rejoin").
+   * client's events ("state", "dropped", "disconnect", "rejoin", "revoked",
+   * "terminated").
    * @returns {function(): void} a function that removes the handler.
    */
   on(type, handler) {
@@ -459,6 +469,13 @@ export class HappyRobotClient {
       const error = new Error(message.error || "Refused by the server");
       error.code = message.code;
       item.reject(error);
+    } else if (type === "ERROR" && message.code === "ACCESS_REVOKED" && typeof projectId === "string") {
+      // (v2) The server took this client out of the room: it is not joined
+      // again (join() again to try, once access is granted again).
+      if (this._rooms.delete(projectId)) {
+        this._lastSeq.delete(projectId);
+        this._emit("revoked", { projectId, reason: message.error || "" });
+      }
     } else if (type === "RESYNC_REQUIRED" && Number.isInteger(seq)) {
       const first = !this._lastSeq.has(projectId);
       this._lastSeq.set(projectId, seq);
@@ -486,6 +503,12 @@ export class HappyRobotClient {
     this._generation += 1; // late events of the old socket are ignored
     const { code, reason, wasClean } = event;
     this._emit("disconnect", { code, reason, wasClean });
+    if (code === CLOSE_USER_DISCONNECTED) {
+      // (v2) Disconnected by the server for good: no reconnection.
+      this._emit("terminated", { code, reason });
+      this.close();
+      return;
+    }
     // Events written but never acknowledged go out again, first; the
     // server recognises them by their operationId.
     if (this._unacked.size) {

@@ -3,6 +3,7 @@
 // then the rest of the API.  tests/test_client_types.py type-checks it with
 // tsc --noEmit under tsconfig.json (strict).
 import {
+  CLOSE_USER_DISCONNECTED,
   HappyRobotClient,
   STATES,
   createClient,
@@ -89,6 +90,9 @@ const onDisconnect = (e: { code: number; reason: string; wasClean: boolean }) =>
 tested.on("disconnect", onDisconnect);
 tested.off("disconnect", onDisconnect);
 tested.on("dropped", (event) => console.log(event.type, event.operationId));
+// (v2) Taken out of a room, or disconnected for good, by the operator API.
+tested.on("revoked", ({ projectId, reason }) => console.log("no longer in", projectId, reason));
+tested.on("terminated", ({ code, reason }) => console.log(code === CLOSE_USER_DISCONNECTED, reason));
 tested.on("CONNECTION_ESTABLISHED", (m) => console.log(m.clientId));
 tested.on("ACK", (m) => console.log(m.operationId, m.seq));
 tested.on("RESYNC_REQUIRED", (m) => console.log("reload", m.projectId, "from", m.seq));
@@ -99,6 +103,9 @@ tested.on("PROJECT_DELETE", (m) => {
 });
 tested.on("ERROR", (m) => {
   switch (m.code) {
+    case "ACCESS_REVOKED":
+      console.log("left", m.projectId);
+      break;
     case "UNAUTHORIZED":
     case "FORBIDDEN":
       tested.close();

@@ -31,3 +31,4 @@ const state: "open" | "closed" = client.state; // expect-error: two more states
 client.state = "open"; // expect-error: read-only
 const promise: Promise<void> = client.send("TASK_DELETE", "p1"); // expect-error: resolves with a SendResult
 console.log(state, promise);
+client.on("revoked", ({ projectId }) => projectId.toFixed()); // expect-error: a string
