@@ -34,7 +34,6 @@ from happyrobot.bus import Bus, Replay
 from happyrobot.config import Config
 from happyrobot.framing import binary_frame, text_frame
 from happyrobot.metrics import Metrics
-from happyrobot.operator import Actions
 from happyrobot.rooms import RoomRegistry, Writer
 from happyrobot.timers import cancel_if_active
 
@@ -90,14 +89,8 @@ class Shared:
     #: A callback (result, received_at) for each event appended, which
     #: passes the result on (the event latency metric).
     time_event: Callable[[Any, float], Any] = _untimed
-    #: Re-checks project access (made here when there is an authorizer).
+    #: Re-checks project access (given with the authorizer).
     access: AccessWatch | None = None
-
-    def __post_init__(self) -> None:
-        if self.authorizer is not None and self.access is None:
-            self.access = AccessWatch(
-                self.authorizer, Actions(self.registry, self.authorizer), self.clock,
-                self.config.project_auth_cache_seconds)
 
 
 class SessionBase:

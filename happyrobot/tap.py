@@ -24,6 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from happyrobot import StartupError, auth, backend, logs, workers
+from happyrobot.access import AccessWatch
 from happyrobot.bus import Bus, LocalBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from happyrobot.history import Histories
@@ -246,8 +247,11 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
             ttl_seconds=config.project_auth_cache_seconds,
             timeout_seconds=config.project_auth_timeout_seconds,
         )
-    # What operator calls (revoke, disconnect) do on this instance.
+    # What operator calls (revoke, disconnect) and lapsed access do on this instance.
     actions = Actions(registry, authorizer)
+    access = None
+    if authorizer is not None:
+        access = AccessWatch(authorizer, actions, reactor, config.project_auth_cache_seconds)
     bus: Bus
     if config.redis_url:
         bus = RedisBus(
@@ -266,6 +270,7 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
     return CollabFactory(
         config, registry, bus, reactor, connections=connections, metrics=metrics,
         flusher=flusher, verifier=_verifier(config, reactor, http_pool), authorizer=authorizer,
+        access=access,
         http_pool=http_pool, reactor=reactor,
     )
 

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from happyrobot import auth, logs, messages, security
+from happyrobot.access import AccessWatch
 from happyrobot.bus import Bus
 from happyrobot.config import Config
 from happyrobot.framing import SharedDeflate, split_text_frames, text_frame
@@ -401,6 +402,7 @@ class CollabFactory(WebSocketServerFactory):
         flusher: TurnFlusher | None = None,
         verifier: auth.TokenVerifier | None = None,
         authorizer: auth.ProjectAuthorizer | None = None,
+        access: AccessWatch | None = None,
         http_pool: Any = None,
         **kw: Any,
     ) -> None:
@@ -411,6 +413,7 @@ class CollabFactory(WebSocketServerFactory):
             room registry fans out through it).
         @param verifier: given when a JWT key is configured.
         @param authorizer: given when PROJECT_AUTH_URL is set.
+        @param access: re-checks the members' access (with the authorizer).
         @param http_pool: the keep-alive connections to the back end and
             the identity provider, closed on shutdown.
         @param kw: Autobahn's (C{reactor}).
@@ -428,7 +431,7 @@ class CollabFactory(WebSocketServerFactory):
         #: every 10 s about clients cut off for flooding.
         self.shared = Shared(
             clock, config, self.metrics, registry, bus, logs.Throttle(10.0, clock),
-            verifier, authorizer, self.flusher.time_event,
+            verifier, authorizer, self.flusher.time_event, access,
         )
         self.limiter = security.ConnectionLimiter(
             config.max_connections, config.max_connections_per_ip

@@ -19,10 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from happyrobot import auth, logs
+from happyrobot.access import AccessWatch
 from happyrobot.bus import LocalBus
 from happyrobot.config import Config
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
+from happyrobot.operator import Actions
 from happyrobot.rooms import RoomRegistry
 from happyrobot.session import Session, Shared
 from tests.helpers import ServerTestCase
@@ -69,8 +71,11 @@ class _Server:
         config = Config(presence_window_seconds=0, rate_limit_per_second=0,
                         project_auth_cache_seconds=PERIOD)
         bus = LocalBus(self.registry, Histories(100, 3600), self.clock)
+        access = AccessWatch(self.authorizer, Actions(self.registry, self.authorizer), self.clock,
+                             config.project_auth_cache_seconds)
         self.shared = Shared(self.clock, config, Metrics(self.clock), self.registry, bus,
-                             logs.Throttle(10.0, self.clock), self.verifier, self.authorizer)
+                             logs.Throttle(10.0, self.clock), self.verifier, self.authorizer,
+                             access=access)
         self.closes: list[tuple[str, int]] = []
 
     def session(self, client_id: str) -> tuple[Session, _Writer]:
