@@ -4,8 +4,9 @@ The Lua scripts the Redis bus runs, as package data, loaded once.
 Redis runs a script alone and freezes its time while it runs, so each of
 these is one atomic step.  ``common.lua`` (the room's seq and the trimming
 of its history by age) is put in front of the three scripts that use it;
-the sources are byte for byte those of the previous version, so both
-versions run the same SHA1s on a shared Redis.
+the sources of APPEND and BATCH are byte for byte those of the previous
+version, so both versions run the same SHA1s on a shared Redis (READ
+differs: it raises a seq that went backwards).
 
   - L{APPEND}: number, store and publish one event.  KEYS: seq key,
     history stream, [op key].  ARGV: the event's JSON (without seq),
@@ -23,7 +24,10 @@ versions run the same SHA1s on a shared Redis.
     ARGV: since ('' for the seq alone), history size, history TTL in ms,
     '1' to get what is kept when the history does not reach back to since.
     Returns C{{seq, 1, event, sender tag, ...}} oldest first, or C{{seq, 0}}
-    when the history does not reach back (or since is above seq); with
+    when the history does not reach back (or since is above seq; with
+    ARGV[4] '1', an instance's own catch-up, the numbering went backwards,
+    by a failover or an older snapshot: the seq first jumps above since
+    and the time in ms, so no seq is handed out twice); with
     ARGV[4] '1', rather every event still in the stream after since
     (C{{seq, 1, ...}}), or if the stream does not reach back either,
     C{{seq, 2, oldest - 1, event, sender tag, ...}}.

@@ -24,6 +24,17 @@ local function not_kept(since)
 end
 if ARGV[1] == '' then return {seq, 0} end
 local since = tonumber(ARGV[1])
+if since > seq and ARGV[4] == '1' then
+  -- An instance delivered up to since, so the numbering went backwards (a
+  -- failover to a replica that lacked the last events, or an older
+  -- snapshot): seqs up to since were handed out.  Number on above all of
+  -- them, so that no new event takes a seq a member has seen; the instance
+  -- sends RESYNC_REQUIRED at the new seq.  (A client's since is not
+  -- trusted with this: it only gets {seq, 0}.)
+  seq = math.max(now - 1, since + 1000000)
+  redis.call('SET', KEYS[1], num(seq), 'PX', ttl)
+  return {seq, 0}
+end
 if since > seq or seq - since > tonumber(ARGV[2]) then return not_kept(since) end
 if since == seq then return {seq, 1} end
 if not oldest or oldest > since + 1 then return not_kept(since) end

@@ -1,0 +1,288 @@
+"""
+Redis Sentinel failover with real processes (L{tests.sentinel_harness}):
+a master, two replicas and three sentinels on loopback ports, and two
+RedisBus instances with members of one room on both, while a publisher
+sends acknowledged events at a steady rate and the master is SIGKILLed.
+Also a single Redis restarted from an older RDB snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+
+from happyrobot.bus import Unavailable
+from happyrobot.redis.bus import RedisBus
+from happyrobot.redis.keys import history_key, seq_key
+from happyrobot.redis.sentinel import RedisTarget
+from happyrobot.rooms import RoomRegistry
+from tests.helpers import RedisServer, RedisTestCase, free_port
+from tests.sentinel_harness import (
+    DOWN_AFTER_MS,
+    FAILOVER_TIMEOUT_MS,
+    SentinelDeployment,
+)
+from tests.test_redis import BusNode, Recorder, assert_no_silent_gap, raw_event
+
+#: The publisher's pace: one event every this many seconds, at most EVENTS.
+INTERVAL = 0.02
+EVENTS = 200
+#: How long a refused event waits before it is sent again (same op key).
+RETRY_DELAY = 0.05
+#: How long the publisher may take in all (bounds the test).
+PUBLISH_DEADLINE_SECONDS = 40.0
+
+
+class TimedRecorder(Recorder):
+    """A L{Recorder} that also notes when each frame arrived."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(client_id)
+        self.times: list[float] = []
+
+    def send(self, frame: bytes) -> None:
+        self.times.append(time.monotonic())
+        super().send(frame)
+
+
+class Publisher:
+    """
+    Sends C{EVENTS} events at a steady pace, alternately through each
+    instance, each with its own op key, sending a refused one again with the
+    same op key until it is acknowledged (as the browser client does).
+    """
+
+    def __init__(self, nodes: list[BusNode]) -> None:
+        self.nodes = nodes
+        #: op -> the seq it was acknowledged with.
+        self.acked: dict[str, int] = {}
+        self.refusals = 0
+        self.sent = 0
+
+    async def one(self, i: int, deadline: float) -> None:
+        op = f"op-{i}"
+        node = self.nodes[i % len(self.nodes)]
+        while time.monotonic() < deadline:
+            try:
+                self.acked[op] = await node.bus.append("p1", raw_event(op), None, ("pub", op))
+                return
+            except Unavailable:
+                self.refusals += 1
+                await deferLater(reactor, RETRY_DELAY, lambda: None)
+
+    async def run(self, count: int) -> None:
+        deadline = time.monotonic() + PUBLISH_DEADLINE_SECONDS
+        sends = []
+        for i in range(count):
+            sends.append(Deferred.fromCoroutine(self.one(i, deadline)))
+            self.sent += 1
+            await deferLater(reactor, INTERVAL, lambda: None)
+        await gatherResults(sends)
+
+
+def events_of(member: Recorder) -> list[dict[str, Any]]:
+    return [m for m in member.received if m["type"] == "TASK_UPDATE"]
+
+
+def client_view(member: Recorder) -> tuple[list[dict[str, Any]], int]:
+    """
+    What a browser client keeps of what C{member} received: RESYNC_REQUIRED
+    sets its last seq, an event at or below it is dropped as seen.  Returns
+    the events kept and how many were dropped.
+    """
+    last, kept, dropped = None, [], 0
+    for m in member.received:
+        if m["type"] == "RESYNC_REQUIRED":
+            last = m["seq"]
+        elif last is not None and m["seq"] <= last:
+            dropped += 1
+        else:
+            last = m["seq"]
+            kept.append(m)
+    return kept, dropped
+
+
+class FailoverTestCase(RedisTestCase):
+    """A Sentinel deployment and RedisBus instances that follow it."""
+
+    timeout = 120
+
+    async def deployment(self) -> SentinelDeployment:
+        deployment = SentinelDeployment(self)
+        await deployment.start()
+        return deployment
+
+    async def start_bus(self, deployment: SentinelDeployment, min_replicas: int) -> BusNode:
+        registry = RoomRegistry(reactor, 0.0)
+        target = RedisTarget(sentinels=deployment.sentinel_addresses, min_replicas=min_replicas,
+                             min_replicas_timeout_ms=300)
+        bus = RedisBus(registry, target, reactor, reconnect_initial_delay=0.05,
+                       reconnect_max_delay=0.25)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await bus.when(bus.settled)
+        return BusNode(registry, bus)
+
+    async def member(self, node: BusNode, client_id: str) -> TimedRecorder:
+        m = TimedRecorder(client_id)
+        node.registry.join("p1", m)
+        await node.settled()
+        return m
+
+    async def delivered(self, members: list[Recorder], seq: int) -> None:
+        for m in members:
+            await Deferred.fromCoroutine(m.until(seq)).addTimeout(20, reactor)
+
+
+class SentinelFailoverTests(FailoverTestCase):
+    """The master dies; Sentinel promotes a replica; the instances follow."""
+
+    async def test_acknowledged_events_survive_with_min_replicas(self) -> None:
+        """
+        With REDIS_MIN_REPLICAS=1, every acknowledged event reaches every
+        member exactly once, in order, across the master's SIGKILL; /health
+        (the bus's healthy) is degraded while there is no master; the
+        refusal window (kill to first delivery again) is reported.
+        """
+        deployment = await self.deployment()
+        a = await self.start_bus(deployment, 1)
+        b = await self.start_bus(deployment, 1)
+        members = [await self.member(a, "a1"), await self.member(a, "a2"),
+                   await self.member(b, "b1")]
+        publisher = Publisher([a, b])
+        publishing = Deferred.fromCoroutine(publisher.run(EVENTS))
+        await deferLater(reactor, 40 * INTERVAL, lambda: None)
+        seen_before = max(m["seq"] for m in events_of(members[0]))
+        killed_at = time.monotonic()
+        old = await deployment.kill_master()
+        await a.bus.when(lambda: not a.bus.healthy)
+        await b.bus.when(lambda: not b.bus.healthy)
+        self.assertFalse(a.bus.healthy or b.bus.healthy)  # /health says degraded
+        await deployment.failed_over(old)
+        await publishing
+        self.assertEqual(len(publisher.acked), EVENTS, "every event acknowledged in the end")
+        await a.settled()
+        await b.settled()
+        self.assertTrue(a.bus.healthy and b.bus.healthy)
+        await self.delivered(members, max(publisher.acked.values()))
+
+        by_seq = {seq: op for op, seq in publisher.acked.items()}
+        for m in members:
+            events = events_of(m)
+            ops = [e["operationId"] for e in events]
+            lost = [op for op in publisher.acked if op not in ops]
+            duplicated = len(ops) - len(set(ops))
+            self.assertEqual((lost, duplicated), ([], 0), m.client_id)
+            seqs = [e["seq"] for e in events]
+            self.assertEqual(seqs, sorted(seqs), "in order")
+            for e in events:  # each seq is the event acknowledged with it
+                self.assertEqual(by_seq.get(e["seq"], e["operationId"]), e["operationId"])
+            assert_no_silent_gap(self, m.seqs())
+        first_after = min(t for m in members for t, msg in zip(m.times, m.received)
+                          if t > killed_at and msg.get("seq", 0) > seen_before)
+        window = first_after - killed_at
+        print(f"\nfailover REDIS_MIN_REPLICAS=1: {EVENTS} events acknowledged, 0 lost, "
+              f"0 duplicated, {publisher.refusals} refusals retried; refused for "
+              f"{window:.2f} s (kill to first delivery; down-after-milliseconds "
+              f"{DOWN_AFTER_MS}, failover-timeout {FAILOVER_TIMEOUT_MS})")
+        # Sentinel's detection, its election and promotion, then our reconnection.
+        self.assertLess(window, DOWN_AFTER_MS / 1000 + 8)
+
+    async def test_held_back_replication_gives_resync(self) -> None:
+        """
+        With REDIS_MIN_REPLICAS=0 and the replicas paused (CLIENT PAUSE)
+        before the kill, the new master lacks the last events: every
+        member gets RESYNC_REQUIRED past every seq it saw, and no event
+        after the failover is dropped as a duplicate.
+        """
+        deployment = await self.deployment()
+        a = await self.start_bus(deployment, 0)
+        b = await self.start_bus(deployment, 0)
+        members = [await self.member(a, "a1"), await self.member(a, "a2"),
+                   await self.member(b, "b1")]
+        before = [await (a if i % 2 else b).bus.append("p1", raw_event(f"x-{i}"))
+                  for i in range(10)]
+        master = await deployment.master()
+        replicas = [r for r in deployment.redis if r is not master]
+        for r in replicas:  # the replication stream waits on the replicas
+            await r.command("CLIENT", "PAUSE", "700", "ALL")
+        held = [await a.bus.append("p1", raw_event(f"h-{i}")) for i in range(5)]
+        await self.delivered(members, held[-1])
+        old = await deployment.kill_master()
+        new = await deployment.failed_over(old)
+        await a.settled()
+        await b.settled()
+        kept = await new.command("XRANGE", history_key("p1"), f"{held[0]}-0", f"{held[-1]}-0")
+        self.assertEqual(kept, [], "the new master got none of the held events")
+        publisher = Publisher([a, b])
+        await publisher.run(10)
+        after = sorted(publisher.acked.values())
+        self.assertGreater(after[0], held[-1])  # numbered above every seq handed out
+        await self.delivered(members, after[-1])
+        for m in members:
+            kept, dropped = client_view(m)
+            self.assertEqual(dropped, 0, m.client_id)
+            resyncs = [x["seq"] for x in m.received if x["type"] == "RESYNC_REQUIRED"]
+            self.assertTrue(resyncs and held[-1] < resyncs[0] < after[0], (m.client_id, resyncs))
+            self.assertEqual([e["seq"] for e in kept], before + held + after)
+            assert_no_silent_gap(self, m.seqs())
+
+
+class SnapshotRestartTests(RedisTestCase):
+    """A single Redis restarted from an older RDB snapshot."""
+
+    timeout = 30
+
+    async def test_older_snapshot_keeps_numbering(self) -> None:
+        """
+        The counter read back from the snapshot is below seqs the members
+        saw: each member gets RESYNC_REQUIRED past them, new events are
+        numbered above them (none dropped as a duplicate), and a client
+        resuming from a seen seq gets RESYNC_REQUIRED.
+        """
+        directory = tempfile.mkdtemp(prefix="happyrobot-rdb-")
+        self.addCleanup(lambda: [os.remove(os.path.join(directory, f))
+                                 for f in os.listdir(directory)] and os.rmdir(directory))
+        redis = RedisServer(free_port(), ("--dir", directory, "--dbfilename", "dump.rdb"))
+        await redis.start()
+        self.addCleanup(redis.stop)
+        nodes = []
+        for _ in range(2):
+            registry = RoomRegistry(reactor, 0.0)
+            bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
+                           reconnect_max_delay=0.25)
+            bus.startService()
+            self.addCleanup(bus.stopService)
+            await bus.when(bus.settled)
+            nodes.append(BusNode(registry, bus))
+        a, b = nodes
+        members = [await a.member("a1"), await b.member("b1")]
+        saved = [await a.bus.append("p1", raw_event(f"s-{i}")) for i in range(3)]
+        self.assertEqual(await redis.command("SAVE"), "OK")
+        lost = [await b.bus.append("p1", raw_event(f"l-{i}")) for i in range(3)]
+        for m in members:
+            await m.until(lost[-1])
+        await redis.stop()  # no save points: the snapshot stays the older one
+        await redis.start()
+        self.assertEqual(int(await redis.command("GET", seq_key("p1"))), saved[-1])
+        await a.settled()
+        await b.settled()
+        after = [await a.bus.append("p1", raw_event(f"n-{i}")) for i in range(3)]
+        self.assertGreater(after[0], lost[-1])
+        for m in members:
+            await m.until(after[-1])
+            kept, dropped = client_view(m)
+            self.assertEqual(dropped, 0)
+            self.assertEqual([e["seq"] for e in kept], saved + lost + after)
+            assert_no_silent_gap(self, m.seqs())
+        replay = await a.bus.replay("p1", lost[-1])
+        self.assertIsNone(replay.events)  # the resuming client gets RESYNC_REQUIRED
+        self.assertEqual(replay.seq, after[-1])
+        self.assertEqual(json.loads(json.dumps(replay.seq)), after[-1])
