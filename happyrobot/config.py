@@ -66,7 +66,7 @@ SETTINGS = (
             "stored it"),
     Setting("REDIS_MIN_REPLICAS_TIMEOUT_MS", "redis-min-replicas-timeout-ms", "500",
             "with REDIS_MIN_REPLICAS: milliseconds to wait for the replicas before the "
-            "sender is told to retry"),
+            "sender is told to retry (below half of INSTANCE_TTL)"),
     Setting("MAX_MESSAGE_BYTES", "max-message-bytes", "65536",
             "largest WebSocket message accepted; larger ones close the socket with 1009"),
     Setting("MAX_BROADCAST_BYTES", "max-broadcast-bytes", "1048576",
@@ -512,6 +512,12 @@ def _fitted(config: Config, given: Mapping[str, object]) -> Config:
     """
     if config.redis_min_replicas and not config.redis:
         raise ConfigError("REDIS_MIN_REPLICAS needs REDIS_URL or REDIS_SENTINELS")
+    if (config.redis_min_replicas
+            and config.redis_min_replicas_timeout_ms >= config.instance_ttl_seconds * 500):
+        # WAIT holds the command connection, which counts as lost after INSTANCE_TTL / 2.
+        raise ConfigError(f"REDIS_MIN_REPLICAS_TIMEOUT_MS ({config.redis_min_replicas_timeout_ms}) "
+                          "must be below half of INSTANCE_TTL in milliseconds "
+                          f"({config.instance_ttl_seconds * 500:g})")
     room, total = config.history_max_bytes, config.history_total_bytes
     if "history_max_bytes" not in given:
         config = replace(config, history_max_bytes=min(room, total))

@@ -887,3 +887,7 @@ class RedisSentinelSettingsTests(SynchronousTestCase):
         self.assertIn("at least 1", _error(self, "REDIS_MIN_REPLICAS_TIMEOUT_MS", "0"))
         e = self.assertRaises(ConfigError, load_config, {}, {"REDIS_MIN_REPLICAS": "1"})
         self.assertEqual(str(e), "REDIS_MIN_REPLICAS needs REDIS_URL or REDIS_SENTINELS")
+        e = self.assertRaises(ConfigError, load_config, {}, {
+            "REDIS_URL": "redis://r", "REDIS_MIN_REPLICAS": "1", "INSTANCE_TTL": "1"})
+        self.assertEqual(str(e), "REDIS_MIN_REPLICAS_TIMEOUT_MS (500) must be below half of "
+                                 "INSTANCE_TTL in milliseconds (500)")

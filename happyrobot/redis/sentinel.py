@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -129,6 +129,8 @@ class Sentinels:
             try:
                 reply = await self._ask(sentinel, ("SENTINEL", "get-master-addr-by-name",
                                                    self.master))
+            except CancelledError:
+                raise  # the connection attempt was given up
             except Exception as e:
                 why.append(f"{sentinel[0]}:{sentinel[1]}: {e or type(e).__name__}")
                 continue
@@ -232,8 +234,7 @@ class SentinelLink(RedisLink):
         self._watch.start()
 
     def stop(self) -> Deferred[Any]:
-        self._watch.stop()
-        return super().stop()
+        return gatherResults([self._watch.stop(), super().stop()], consumeErrors=True)
 
     def _announced(self, channel: bytes, data: bytes) -> None:
         new = switched_to(data, self.target.master)
