@@ -156,9 +156,11 @@ class SentinelFailoverTests(FailoverTestCase):
         b = await self.start_bus(deployment, 1)
         members = [await self.member(a, "a1"), await self.member(a, "a2"),
                    await self.member(b, "b1")]
+        leaving = await self.member(a, "r1")  # leaves before the kill, resumes after
         publisher = Publisher([a, b])
         publishing = Deferred.fromCoroutine(publisher.run(EVENTS))
         await deferLater(reactor, 40 * INTERVAL, lambda: None)
+        a.registry.leave("p1", leaving)
         seen_before = max(m["seq"] for m in events_of(members[0]))
         killed_at = time.monotonic()
         old = await deployment.kill_master()
@@ -166,15 +168,19 @@ class SentinelFailoverTests(FailoverTestCase):
         await b.bus.when(lambda: not b.bus.healthy)
         self.assertFalse(a.bus.healthy or b.bus.healthy)  # /health says degraded
         await deployment.failed_over(old)
+        await b.settled()
+        resumed = await b.resume("r1", max(e["seq"] for e in events_of(leaving)))
         await publishing
         self.assertEqual(len(publisher.acked), EVENTS, "every event acknowledged in the end")
         await a.settled()
         await b.settled()
         self.assertTrue(a.bus.healthy and b.bus.healthy)
-        await self.delivered(members, max(publisher.acked.values()))
+        await self.delivered(members + [resumed], max(publisher.acked.values()))
+        both = Recorder("r1")  # what the resuming client saw, over both connections
+        both.received = leaving.received + resumed.received
 
         by_seq = {seq: op for op, seq in publisher.acked.items()}
-        for m in members:
+        for m in members + [both]:
             events = events_of(m)
             ops = [e["operationId"] for e in events]
             lost = [op for op in publisher.acked if op not in ops]
