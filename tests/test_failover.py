@@ -109,6 +109,25 @@ def client_view(member: Recorder) -> tuple[list[dict[str, Any]], int]:
     return kept, dropped
 
 
+async def jumps(redis: RedisServer) -> dict[int, int]:
+    """The numbering jumps the room's stream records: the seq before -> the seq jumped to."""
+    entries = await redis.command("XRANGE", history_key("p1"), "-", "+")
+    return {int(fields[3]): int(id_.split("-")[0])
+            for id_, fields in entries if len(fields) > 3 and fields[2] == "j"}
+
+
+def assert_no_silent_gap_but_jumps(test: Any, seqs: list[int], jumped: dict[int, int]) -> None:
+    """L{assert_no_silent_gap}, except where the numbering jumped (with nothing missed)."""
+    last = None
+    for s in seqs:
+        if s < 0:
+            last = -s
+            continue
+        if last is not None and s != last + 1:
+            test.assertEqual(jumped.get(last), s - 1, (last, s, jumped))
+        last = s
+
+
 class FailoverTestCase(RedisTestCase):
     """A Sentinel deployment and RedisBus instances that follow it."""
 
@@ -167,7 +186,7 @@ class SentinelFailoverTests(FailoverTestCase):
         await a.bus.when(lambda: not a.bus.healthy)
         await b.bus.when(lambda: not b.bus.healthy)
         self.assertFalse(a.bus.healthy or b.bus.healthy)  # /health says degraded
-        await deployment.failed_over(old)
+        new = await deployment.failed_over(old)
         await b.settled()
         resumed = await b.resume("r1", max(e["seq"] for e in events_of(leaving)))
         await publishing
@@ -180,6 +199,8 @@ class SentinelFailoverTests(FailoverTestCase):
         both.received = leaving.received + resumed.received
 
         by_seq = {seq: op for op, seq in publisher.acked.items()}
+        jumped = await jumps(new)
+        self.assertEqual(len(jumped), 1)  # a new master: the numbering goes on above
         for m in members + [both]:
             events = events_of(m)
             ops = [e["operationId"] for e in events]
@@ -190,7 +211,7 @@ class SentinelFailoverTests(FailoverTestCase):
             self.assertEqual(seqs, sorted(seqs), "in order")
             for e in events:  # each seq is the event acknowledged with it
                 self.assertEqual(by_seq.get(e["seq"], e["operationId"]), e["operationId"])
-            assert_no_silent_gap(self, m.seqs())
+            assert_no_silent_gap_but_jumps(self, m.seqs(), jumped)
         first_after = min(t for m in members for t, msg in zip(m.times, m.received)
                           if t > killed_at and msg.get("seq", 0) > seen_before)
         window = first_after - killed_at
@@ -292,3 +313,48 @@ class SnapshotRestartTests(RedisTestCase):
         self.assertIsNone(replay.events)  # the resuming client gets RESYNC_REQUIRED
         self.assertEqual(replay.seq, after[-1])
         self.assertEqual(json.loads(json.dumps(replay.seq)), after[-1])
+
+    async def test_other_instance_numbers_first(self) -> None:
+        """
+        After a restart from an older snapshot, an instance without members
+        in the room numbers new events before the instance whose members
+        saw the lost ones has caught up: those members still get
+        RESYNC_REQUIRED, then every new event (no silent hole, nothing
+        dropped as a duplicate).
+        """
+        directory = tempfile.mkdtemp(prefix="happyrobot-rdb-")
+        self.addCleanup(lambda: [os.remove(os.path.join(directory, f))
+                                 for f in os.listdir(directory)] and os.rmdir(directory))
+        redis = RedisServer(free_port(), ("--dir", directory, "--dbfilename", "dump.rdb"))
+        await redis.start()
+        self.addCleanup(redis.stop)
+        nodes = []
+        for _ in range(2):
+            registry = RoomRegistry(reactor, 0.0)
+            bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
+                           reconnect_max_delay=0.25)
+            bus.startService()
+            self.addCleanup(bus.stopService)
+            await bus.when(bus.settled)
+            nodes.append(BusNode(registry, bus))
+        a, b = nodes
+        member = await a.member("a1")
+        saved = [await a.bus.append("p1", raw_event(f"s-{i}")) for i in range(3)]
+        self.assertEqual(await redis.command("SAVE"), "OK")
+        lost = [await a.bus.append("p1", raw_event(f"l-{i}")) for i in range(3)]
+        await member.until(lost[-1])
+        a.bus.reconnect_delays = (1.5, 1.5)  # A comes back late
+        await redis.stop()
+        await redis.start()
+        await b.settled()
+        self.assertFalse(a.bus.healthy)
+        new = [await b.bus.append("p1", raw_event(f"n-{i}")) for i in range(5)]
+        self.assertFalse(a.bus.healthy, "B numbered before A came back")
+        self.assertGreater(new[0], lost[-1])
+        await Deferred.fromCoroutine(member.until(new[-1])).addTimeout(10, reactor)
+        kept, dropped = client_view(member)
+        self.assertEqual(dropped, 0)
+        self.assertEqual([e["seq"] for e in kept], saved + lost + new)
+        resyncs = [m["seq"] for m in member.received if m["type"] == "RESYNC_REQUIRED"]
+        self.assertEqual(resyncs, [new[0] - 1])
+        assert_no_silent_gap(self, member.seqs())

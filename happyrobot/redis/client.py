@@ -90,6 +90,15 @@ def check() -> None:
         )
 
 
+def run_id(info: Any) -> bytes:
+    """The C{run_id} field of an C{INFO server} reply (b"" when absent)."""
+    text = info if isinstance(info, bytes) else str(info or "").encode()
+    for line in text.splitlines():
+        if line.startswith(b"run_id:"):
+            return line[7:].strip()
+    return b""
+
+
 def is_response_error(failure: Failure) -> bool:
     """Whether Redis answered with an error (rather than the link failing)."""
     return failure.check("txredisapi.ResponseError") is not None
@@ -249,6 +258,10 @@ class RedisLink:
         self._message = message
         self._read_done = read_done
         self._services: list[ClientService] = []
+        #: The run id of the Redis the command connection reached (b"" if
+        #: unknown), which the scripts compare with the one that numbered the
+        #: rooms' events so far.
+        self.run_id = b""
         #: Use a connection only once Redis answers ROLE with master (set
         #: when a sentinel names the address, which may be out of date).
         self.master_only = False
@@ -343,6 +356,15 @@ class RedisLink:
         return check
 
     def _commands_ready(self, proto: Any) -> None:
+        def identified(reply: Any) -> None:
+            if not proto.connected:
+                return  # lost meanwhile
+            self.run_id = run_id(reply)
+            self._commands_up(proto)
+
+        proto.execute_command("INFO", "server").addCallbacks(identified, lambda f: identified(b""))
+
+    def _commands_up(self, proto: Any) -> None:
         self._commands = proto
         # Before any EVALSHA on this connection (Redis may have restarted empty).
         for script in ALL_SCRIPTS:

@@ -169,6 +169,7 @@ class EventStore:
         d = self._link.eval(scripts.APPEND, keys, [
             event, channel_name(project_id), envelope_head(EVENT, self._instance, exclude),
             self.history_size, self.history_ttl_ms, sender_tag(self._instance, exclude),
+            self._link.run_id,
         ])
 
         def appended(reply: list[Any]) -> int:
@@ -203,6 +204,7 @@ class EventStore:
             for _, _, _, d in appends:
                 d.errback(failure)
 
+        args.append(self._link.run_id)
         self._link.eval(scripts.BATCH, keys, args).addCallbacks(appended, failed)
 
     def read(self, project_id: str, since: int | None, kept: bool = False) -> Deferred[ReadResult]:
@@ -214,7 +216,7 @@ class EventStore:
         """
         d = self._link.eval(scripts.READ, [seq_key(project_id), history_key(project_id)], [
             b"" if since is None else b"%d" % since, self.history_size, self.history_ttl_ms,
-            b"1" if kept else b"",
+            b"1" if kept else b"", self._link.run_id,
         ])
 
         def parsed(reply: list[Any]) -> ReadResult:
