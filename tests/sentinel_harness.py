@@ -8,6 +8,7 @@ L{DOWN_AFTER_MS} without an answer.  Everything is torn down in cleanup.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -135,6 +136,17 @@ class SentinelDeployment:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             await deferLater(reactor, 0.05, lambda: None)
+
+    def switched_at(self) -> float | None:
+        """When (time.time()) the first sentinel logged +switch-master, from its log's ms."""
+        process = self.sentinels[0].process
+        assert process is not None
+        for line in process.output.decode(errors="replace").splitlines():
+            if "+switch-master" in line:
+                stamp = " ".join(line.split()[1:5])  # 06 Dec 2026 07:49:11.123
+                return datetime.datetime.strptime(stamp, "%d %b %Y %H:%M:%S.%f").replace(
+                    tzinfo=datetime.timezone.utc).timestamp()
+        return None
 
     async def master(self) -> RedisServer:
         """The server the sentinels name as master now."""
