@@ -8,6 +8,7 @@ running) followed through C{+switch-master}.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import reactor
@@ -212,3 +213,49 @@ class ManualFailoverTests(RedisTestCase):
             await m.until(after)
             self.assertEqual(m.seqs(), [first, after])
         self.assertEqual((await new.command("ROLE"))[0], "master")
+
+
+class JumpReadTests(RedisTestCase):
+    """Reading a room's history across a jump of its numbering (a new Redis)."""
+
+    timeout = 20
+
+    async def test_reads_across_a_jump(self) -> None:
+        """
+        A client's replay from at or before the jump gets the events across
+        it; from a seq the new Redis never had, RESYNC_REQUIRED.  An
+        instance's catch-up gets the jump as ('', seq), or RESYNC_REQUIRED
+        at it followed by the events after it.
+        """
+        redis = await self.start_redis()
+        registry = RoomRegistry(reactor, 0.0)
+        bus = RedisBus(registry, redis.url, reactor)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await bus.when(bus.settled)
+        before = [await bus.append("p1", raw_event(f"x-{i}")) for i in range(3)]
+        await deferLater(reactor, 0.01, lambda: None)  # the numbering is below the time in ms
+        # As if another Redis had numbered the events so far:
+        await redis.command("SET", "happyrobot:numbered-by", "another-redis")
+        after = [await bus.append("p1", raw_event(f"y-{i}")) for i in range(2)]
+        jumped_to = after[0] - 1
+        self.assertGreater(jumped_to, before[-1])
+        self.assertEqual(await jumps(redis), {before[-1]: jumped_to})
+        self.assertEqual(after[1], after[0] + 1)
+
+        def seqs(events: list[bytes] | None) -> list[int] | None:
+            return None if events is None else [json.loads(e)["seq"] for e in events]
+
+        for since, expected in ((before[-1], after), (before[0], before[1:] + after),
+                                (before[-1] + 1, None), (jumped_to, after)):
+            replay = await bus.replay("p1", since)
+            self.assertEqual((seqs(replay.events), replay.seq), (expected, after[-1]), since)
+        seq, entries, resync_at = await bus.events.read("p1", before[-1], kept=True)
+        self.assertEqual((seq, resync_at), (after[-1], None))
+        self.assertEqual(entries[:2], [b"", b"%d" % jumped_to])
+        self.assertEqual(seqs(entries[2::2]), after)
+        seq, entries, resync_at = await bus.events.read("p1", before[-1] + 5, kept=True)
+        self.assertEqual((seq, resync_at, seqs(entries[::2])), (after[-1], jumped_to, after))
+        # The floor stays: a room opened now starts above it too.
+        floor = int(await redis.command("GET", "happyrobot:seq-floor"))
+        self.assertGreater(await bus.append("p2", raw_event("z")), floor)

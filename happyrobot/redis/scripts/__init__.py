@@ -8,7 +8,8 @@ that use it.  Each of them takes, last in ARGV, the run id of the Redis
 the instance reached (or ''): the first script run with a run id other
 than the one that numbered the events so far (a promoted replica, or a
 restart from files) raises the floor of every room's seq to the time in
-ms, and a room below it jumps there at its next script, leaving an entry
+ms, and a room below it jumps above it (by at least 1000) at its next
+script, leaving an entry
 at the new seq with field C{j} (the seq it jumped from) in its stream.
 Versions before the floor read such an entry as an event: upgrade every
 instance before a failover.

@@ -62,12 +62,15 @@ local function jump(seq_key, stream, from, to, now, ttl)
 end
 
 -- The room's last seq, starting a new epoch (now in ms) when it is missing,
--- raised to the floor when below it.
+-- raised above the floor when below it (by at least 1000, should the room
+-- have been numbered close to the time in ms).
 local function current_seq(seq_key, stream, now, ttl, floor)
   local seq = redis.call('GET', seq_key)
   if seq then
     seq = tonumber(seq)
-    if seq < floor then return jump(seq_key, stream, seq, floor, now, ttl) end
+    if seq < floor then
+      return jump(seq_key, stream, seq, math.max(floor, seq + 1000), now, ttl)
+    end
     return seq
   end
   seq = math.max(now - 1, floor)

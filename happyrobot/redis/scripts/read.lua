@@ -5,6 +5,10 @@ local size = tonumber(ARGV[2])
 local kept = ARGV[4] == '1'
 local oldest = trim_age(KEYS[2], now - ttl)
 local seq = current_seq(KEYS[1], KEYS[2], now, ttl, seq_floor(ARGV[5], now))
+if not oldest then  -- the jump just made may have left the only entry
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  oldest = first and id_seq(first[1])
+end
 -- Append the events after `from` up to seq (event, sender tag) to reply;
 -- nil unless every one is there (and, with a limit, at most that many).  A
 -- jump of the numbering (an entry with field j: the seq jumped from j to
@@ -39,6 +43,14 @@ local function read_after(from, reply, limit)
   if want ~= seq + 1 or (limit and events > limit) then return nil end
   return reply
 end
+-- Whether the stream may hold every event after since: its oldest entry
+-- is the one after since, or a jump from since.
+local function reaches(since)
+  if not oldest then return false end
+  if oldest <= since + 1 then return true end
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  return first[2][3] == 'j' and tonumber(first[2][4]) == since
+end
 -- With kept: the events at the end of the stream that follow each other
 -- up to seq, after the newest jump if any: {seq, 2, the seq before them,
 -- events...}.
@@ -62,7 +74,7 @@ end
 local function not_kept(since)
   if kept and oldest and oldest <= seq then
     -- Beyond HISTORY_SIZE but still in the stream (trimmed roughly): all of it.
-    local reply = since < seq and read_after(since, {seq, 1}, nil)
+    local reply = since < seq and reaches(since) and read_after(since, {seq, 1}, nil)
     if reply then return reply end
     return kept_tail()
   end
@@ -76,10 +88,10 @@ if since > seq and kept then
   -- were handed out.  Number on above them; its members get
   -- RESYNC_REQUIRED at the new seq.  (A client's since is not trusted with
   -- this: it only gets {seq, 0}.)
-  seq = jump(KEYS[1], KEYS[2], seq, math.max(now, since + 1), now, ttl)
+  seq = jump(KEYS[1], KEYS[2], seq, math.max(now, since + 1000), now, ttl)
   return {seq, 0}
 end
 if since > seq then return not_kept(since) end
 if since == seq then return {seq, 1} end
-if not oldest then return not_kept(since) end
+if not reaches(since) then return not_kept(since) end
 return read_after(since, {seq, 1}, size) or not_kept(since)
