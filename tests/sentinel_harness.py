@@ -138,15 +138,17 @@ class SentinelDeployment:
             await deferLater(reactor, 0.05, lambda: None)
 
     def switched_at(self) -> float | None:
-        """When (time.time()) the first sentinel logged +switch-master, from its log's ms."""
-        process = self.sentinels[0].process
-        assert process is not None
-        for line in process.output.decode(errors="replace").splitlines():
-            if "+switch-master" in line:
-                stamp = " ".join(line.split()[1:5])  # 06 Dec 2026 07:49:11.123
-                return datetime.datetime.strptime(stamp, "%d %b %Y %H:%M:%S.%f").replace(
-                    tzinfo=datetime.timezone.utc).timestamp()
-        return None
+        """When (time.time()) a sentinel first logged +switch-master, from the logs' ms."""
+        times = []
+        for sentinel in self.sentinels:
+            assert sentinel.process is not None
+            for line in sentinel.process.output.decode(errors="replace").splitlines():
+                if "+switch-master" in line:
+                    stamp = " ".join(line.split()[1:5])  # 06 Dec 2026 07:49:11.123
+                    times.append(datetime.datetime.strptime(
+                        stamp, "%d %b %Y %H:%M:%S.%f").replace(
+                        tzinfo=datetime.timezone.utc).timestamp())
+        return min(times, default=None)
 
     async def master(self) -> RedisServer:
         """The server the sentinels name as master now."""

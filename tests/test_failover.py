@@ -451,6 +451,7 @@ class ProcessFailoverTests(ServerTestCase):
             Deferred.fromCoroutine(self.publish(c, f"pub{i}", 60, acked))
             for i, c in enumerate(publishers)])
         await deferLater(reactor, 0.6, lambda: None)
+        killed_wall = time.time()
         old = await deployment.kill_master()
         killed_at = time.monotonic()
         for _ in range(100):
@@ -481,10 +482,12 @@ class ProcessFailoverTests(ServerTestCase):
                 self, [x["seq"] if x["type"] != "RESYNC_REQUIRED" else -x["seq"]
                        for x in received], jumped)
         window = min(t for t in self.ack_times if t > killed_at) - killed_at
+        switched = deployment.switched_at()
+        sentinel = f"{switched - killed_wall:.2f} s" if switched else "?"
         print(f"\nprocesses REDIS_MIN_REPLICAS=1: 120 events acknowledged, 0 lost, "
               f"0 duplicated, {refused} refusals retried; /health degraded "
               f"{degraded_after:.2f} s after the kill; refused for {window:.2f} s "
-              "(kill to first ACK)")
+              f"(kill to first ACK; +switch-master after {sentinel})")
 
     @staticmethod
     async def ended(proc: Any, transport: Any) -> None:

@@ -90,6 +90,24 @@ class LocateTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(sentinels.locate()), ("m", 6379))
         self.assertEqual(asked, [s3])
 
+    def test_announced_master_tried_first(self) -> None:
+        """
+        A +switch-master goes to the next attempt without asking, once; the
+        sentinel that announced it is asked first afterwards.
+        """
+        s1, s2 = ("s1", 1), ("s2", 2)
+        sentinels, asked = self.sentinels({s1: [b"old", b"1"], s2: [b"new", b"2"]})
+        self.assertEqual(self.successResultOf(sentinels.locate()), ("old", 1))
+        self.assertTrue(sentinels.announced(("new", 2), s2))
+        self.assertFalse(sentinels.announced(("new", 2), s1))  # heard already
+        del asked[:]
+        self.assertEqual(self.successResultOf(sentinels.locate()), ("new", 2))
+        self.assertEqual(asked, [])
+        self.assertEqual(sentinels.sentinels, [s1, s2])  # the last one announcing is first
+        self.assertFalse(sentinels.announced(("new", 2), s2))  # where we are already
+        self.assertEqual(self.successResultOf(sentinels.locate()), ("new", 2))
+        self.assertEqual(asked, [s2])
+
     def test_none_knows(self) -> None:
         """When no sentinel names the master, the failure says what each answered."""
         sentinels, _ = self.sentinels({("s1", 1): ConnectionRefusedError("refused"),

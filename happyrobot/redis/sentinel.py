@@ -17,6 +17,7 @@ L{happyrobot.redis.client}'s.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -118,12 +119,32 @@ class Sentinels:
         self._ask = ask
         #: The master's address as last named, None before.
         self.current: Address | None = None
+        #: A new master a sentinel announced, tried next without asking.
+        self._announced: Address | None = None
+
+    def announced(self, address: Address, sentinel: Address) -> bool:
+        """
+        C{sentinel} announced C{address} as the new master (+switch-master):
+        the next attempt goes there, and that sentinel is asked first after
+        (the others may still name the old master for a while).  False when
+        it was announced already.
+        """
+        if sentinel in self.sentinels:
+            self.sentinels.remove(sentinel)
+            self.sentinels.insert(0, sentinel)
+        if address in (self._announced, self.current):
+            return False
+        self._announced = address
+        return True
 
     def locate(self) -> Deferred[Address]:
         """The master's address, or a failure naming what each sentinel answered."""
         return Deferred.fromCoroutine(self._locate())
 
     async def _locate(self) -> Address:
+        announced, self._announced = self._announced, None
+        if announced is not None:
+            return self._found(announced)
         why = []
         for i, sentinel in enumerate(list(self.sentinels)):
             try:
@@ -141,12 +162,15 @@ class Sentinels:
             if i:  # ask the one that answered first next time
                 self.sentinels.remove(sentinel)
                 self.sentinels.insert(0, sentinel)
-            if found != self.current:
-                log.info("the sentinels name {host}:{port} as master {name}",
-                         host=found[0], port=found[1], name=self.master)
-                self.current = found
-            return found
+            return self._found(found)
         raise ConnectionError("no sentinel named the master: " + "; ".join(why))
+
+    def _found(self, found: Address) -> Address:
+        if found != self.current:
+            log.info("the sentinels name {host}:{port} as master {name}",
+                     host=found[0], port=found[1], name=self.master)
+            self.current = found
+        return found
 
 
 @implementer(IStreamClientEndpoint)
@@ -181,22 +205,6 @@ class MasterEndpoint:
         return result
 
 
-@implementer(IStreamClientEndpoint)
-class RoundRobinEndpoint:
-    """Connects to each address in turn, one per attempt (the sentinels' announcements)."""
-
-    def __init__(self, reactor: Any, addresses: list[Address]) -> None:
-        self._reactor = reactor
-        self._addresses = addresses
-        self._next = 0
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        host, port = self._addresses[self._next % len(self._addresses)]
-        self._next += 1
-        return HostnameEndpoint(self._reactor, host, port,
-                                timeout=int(SENTINEL_TIMEOUT_SECONDS) or 1).connect(factory)
-
-
 class SentinelLink(RedisLink):
     """
     A L{RedisLink} whose connections go to the master the sentinels name,
@@ -215,11 +223,17 @@ class SentinelLink(RedisLink):
             return ask(reactor, where, SENTINEL_TIMEOUT_SECONDS, *command)
 
         self.sentinels = Sentinels(target.sentinels, target.master, ask_one)
-        self._watch = Subscription(
-            RoundRobinEndpoint(reactor, list(target.sentinels)),
-            RedisAddress("sentinel", password=target.sentinel_password), SWITCH_CHANNEL,
-            self._announced, reactor, reply_timeout, retry_delay,
-        )
+        # Every sentinel is listened to: the one that led the failover
+        # announces it first, the others learn of it up to seconds later.
+        self._watches = [
+            Subscription(
+                HostnameEndpoint(reactor, host, port, timeout=int(SENTINEL_TIMEOUT_SECONDS)),
+                RedisAddress(host, port, password=target.sentinel_password), SWITCH_CHANNEL,
+                functools.partial(self._announced, (host, port)), reactor, reply_timeout,
+                retry_delay,
+            )
+            for host, port in target.sentinels
+        ]
 
     @property
     def where(self) -> str:
@@ -231,17 +245,17 @@ class SentinelLink(RedisLink):
 
     def start(self) -> None:
         super().start()
-        self._watch.start()
+        for watch in self._watches:
+            watch.start()
 
     def stop(self) -> Deferred[Any]:
-        return gatherResults([self._watch.stop(), super().stop()], consumeErrors=True)
+        return gatherResults([w.stop() for w in self._watches] + [super().stop()],
+                             consumeErrors=True)
 
-    def _announced(self, channel: bytes, data: bytes) -> None:
+    def _announced(self, sentinel: Address, channel: bytes, data: bytes) -> None:
         new = switched_to(data, self.target.master)
-        if new is None:
-            return
-        if self.up and new == self.sentinels.current:
-            return  # already there (we noticed the loss first)
+        if new is None or not self.sentinels.announced(new, sentinel):
+            return  # not ours, or heard already (or we noticed the loss first)
         log.warn("the sentinels promoted {host}:{port} to master {name}; connecting to it",
                  host=new[0], port=new[1], name=self.target.master)
         self.reconnect()
