@@ -51,6 +51,22 @@ SETTINGS = (
     Setting("INSTANCE_TTL", "instance-ttl", "10",
             "with REDIS_URL: seconds after which the members of an instance that "
             "stopped sending heartbeats (a crash) leave every room's presence"),
+    Setting("REDIS_SENTINELS", "redis-sentinels", "",
+            "host:port,host:port,... of the Redis Sentinels that name the master (empty: "
+            "REDIS_URL's host); with both, the sentinels name the master and REDIS_URL "
+            "gives only its user name, password and database"),
+    Setting("REDIS_SENTINEL_MASTER", "redis-sentinel-master", "mymaster",
+            "with REDIS_SENTINELS: the name under which the sentinels monitor the master"),
+    Setting("REDIS_SENTINEL_PASSWORD", "redis-sentinel-password", "",
+            "with REDIS_SENTINELS: the sentinels' own password (requirepass in their "
+            "config; Redis's password is REDIS_URL's)"),
+    Setting("REDIS_MIN_REPLICAS", "redis-min-replicas", "0",
+            "with Redis: an event is acknowledged (ACK, POST /broadcast 200) only once "
+            "this many replicas confirmed it (WAIT); 0 acknowledges it once the master "
+            "stored it"),
+    Setting("REDIS_MIN_REPLICAS_TIMEOUT_MS", "redis-min-replicas-timeout-ms", "500",
+            "with REDIS_MIN_REPLICAS: milliseconds to wait for the replicas before the "
+            "sender is told to retry (below half of INSTANCE_TTL)"),
     Setting("MAX_MESSAGE_BYTES", "max-message-bytes", "65536",
             "largest WebSocket message accepted; larger ones close the socket with 1009"),
     Setting("MAX_BROADCAST_BYTES", "max-broadcast-bytes", "1048576",
@@ -134,6 +150,11 @@ class Config:
     node_env: str = "development"
     redis_url: str | None = None
     instance_ttl_seconds: float = 10.0
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: str = ""
+    redis_min_replicas: int = 0
+    redis_min_replicas_timeout_ms: int = 500
     max_message_bytes: int = 65536
     max_broadcast_bytes: int = 1048576
     presence_window_seconds: float = 0.05
@@ -169,6 +190,11 @@ class Config:
     @property
     def production(self) -> bool:
         return self.node_env == "production"
+
+    @property
+    def redis(self) -> bool:
+        """Whether the instances share rooms through Redis (REDIS_URL or REDIS_SENTINELS)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser at C{origin} may connect and read replies."""
@@ -320,6 +346,29 @@ def _redis_url(value: str) -> str | None:
     return value
 
 
+def _sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """REDIS_SENTINELS: C{host:port} entries (C{[v6]:port} for IPv6) separated by commas."""
+    found = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, sep, port_text = entry.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        port = int(port_text) if port_text.isascii() and port_text.isdigit() else 0
+        if not sep or not host or any(c in host for c in "/@[] ") or not 0 < port < 65536:
+            raise ConfigError("REDIS_SENTINELS must list host:port entries separated by "
+                              f"commas (e.g. s1:26379,s2:26379), got {entry!r}")
+        found.append((host, port))
+    return tuple(found)
+
+
+def _sentinel_master(value: str) -> str:
+    name = value.strip()
+    if any(c.isspace() for c in name):
+        raise ConfigError(f"REDIS_SENTINEL_MASTER must be one word, got {value!r}")
+    return name
+
+
 def _log_level(value: str) -> str:
     level = value.strip().lower()
     if level == "warning":
@@ -362,6 +411,13 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "NODE_ENV": ("node_env", lambda v: v.strip() or "development"),
     "REDIS_URL": ("redis_url", _redis_url),
     "INSTANCE_TTL": ("instance_ttl_seconds", lambda v: _number("INSTANCE_TTL", v, 0.5)),
+    "REDIS_SENTINELS": ("redis_sentinels", _sentinels),
+    "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _sentinel_master),
+    "REDIS_SENTINEL_PASSWORD": ("redis_sentinel_password", lambda v: v),
+    "REDIS_MIN_REPLICAS": ("redis_min_replicas", _count("REDIS_MIN_REPLICAS")),
+    "REDIS_MIN_REPLICAS_TIMEOUT_MS": (
+        "redis_min_replicas_timeout_ms",
+        lambda v: int(_number("REDIS_MIN_REPLICAS_TIMEOUT_MS", v, 1, True))),
     "MAX_MESSAGE_BYTES": ("max_message_bytes",
                           lambda v: int(_number("MAX_MESSAGE_BYTES", v, 128, True))),
     "MAX_BROADCAST_BYTES": ("max_broadcast_bytes",
@@ -454,6 +510,14 @@ def _fitted(config: Config, given: Mapping[str, object]) -> Config:
     The settings bounded by another: left unset, the default fits within
     it; given (C{given} holds the fields that were), it is checked.
     """
+    if config.redis_min_replicas and not config.redis:
+        raise ConfigError("REDIS_MIN_REPLICAS needs REDIS_URL or REDIS_SENTINELS")
+    if (config.redis_min_replicas
+            and config.redis_min_replicas_timeout_ms >= config.instance_ttl_seconds * 500):
+        # WAIT holds the command connection, which counts as lost after INSTANCE_TTL / 2.
+        raise ConfigError(f"REDIS_MIN_REPLICAS_TIMEOUT_MS ({config.redis_min_replicas_timeout_ms}) "
+                          "must be below half of INSTANCE_TTL in milliseconds "
+                          f"({config.instance_ttl_seconds * 500:g})")
     room, total = config.history_max_bytes, config.history_total_bytes
     if "history_max_bytes" not in given:
         config = replace(config, history_max_bytes=min(room, total))

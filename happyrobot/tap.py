@@ -31,6 +31,7 @@ from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.operator import Actions
 from happyrobot.redis.bus import RedisBus
+from happyrobot.redis.sentinel import RedisTarget
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import Unsupported
 from happyrobot.seams import twisted as twisted_seam
@@ -253,9 +254,10 @@ def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
     if authorizer is not None:
         access = AccessWatch(authorizer, actions, reactor, config.project_auth_cache_seconds)
     bus: Bus
-    if config.redis_url:
+    if config.redis:
         bus = RedisBus(
-            registry, config.redis_url, reactor, instance_ttl=config.instance_ttl_seconds,
+            registry, RedisTarget.from_config(config), reactor,
+            instance_ttl=config.instance_ttl_seconds,
             history_size=config.history_size, history_ttl_seconds=config.history_ttl_seconds,
             connection_count=connections.__len__, on_read_done=flusher.write_turn,
             actions=actions,
@@ -332,7 +334,7 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
         twisted_seam.check()  # before anything relies on it
         config = options.config()
         multi = config.workers > 1 or workers.is_child()
-        if multi and not config.redis_url:
+        if multi and not config.redis:
             raise ConfigError(
                 "WORKERS above 1 needs REDIS_URL: the workers share rooms through Redis"
             )

@@ -283,8 +283,10 @@ class RedisServer:
     restart in production would be.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, args: tuple[str, ...] = ()) -> None:
         self.port = port
+        #: More redis-server arguments (--replicaof, --dir, --sentinel ...).
+        self.args = args
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: LineCollector | None = None
         self._transport: Any = None
@@ -293,7 +295,7 @@ class RedisServer:
         """Spawn the server and return once it answers PING with PONG."""
         self.process = proto = LineCollector()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no"]
+                "--save", "", "--appendonly", "no", *self.args]
         self._transport = reactor.spawnProcess(
             proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path="/"
         )

@@ -850,3 +850,44 @@ class HistoryBytesTests(SynchronousTestCase):
         """Unset, the per-room bound is 1 MiB or the whole total, if that is smaller."""
         cfg = load_config({}, {"HISTORY_TOTAL_BYTES": "500000"})
         self.assertEqual((cfg.history_max_bytes, cfg.history_total_bytes), (500000, 500000))
+
+
+class RedisSentinelSettingsTests(SynchronousTestCase):
+    """REDIS_SENTINELS, REDIS_SENTINEL_MASTER/PASSWORD, REDIS_MIN_REPLICAS(_TIMEOUT_MS)."""
+
+    def test_sentinels_parsed(self) -> None:
+        """host:port entries separated by commas, IPv6 in brackets, blanks skipped."""
+        cfg = load_config({}, {"REDIS_SENTINELS": " s1:26379, 10.0.0.2:26380,,[::1]:26381 "})
+        self.assertEqual(cfg.redis_sentinels,
+                         (("s1", 26379), ("10.0.0.2", 26380), ("::1", 26381)))
+        self.assertTrue(cfg.redis)
+        self.assertFalse(Config().redis)
+
+    def test_bad_sentinels(self) -> None:
+        """Each malformed entry is named in a one-line error."""
+        for value in ("s1", "s1:", ":26379", "s1:0", "s1:65536", "s1:x", "redis://s1:26379",
+                      "s1:26379,s2"):
+            message = _error(self, "REDIS_SENTINELS", value)
+            self.assertTrue(message.startswith("REDIS_SENTINELS must list host:port"), message)
+
+    def test_master_name_and_password(self) -> None:
+        """The master's name is one word; the sentinels' password is kept as given."""
+        cfg = load_config({"redis-sentinel-master": "cache"},
+                          {"REDIS_SENTINEL_PASSWORD": "s3cret", "REDIS_SENTINELS": "s:1"})
+        self.assertEqual((cfg.redis_sentinel_master, cfg.redis_sentinel_password),
+                         ("cache", "s3cret"))
+        self.assertIn("one word", _error(self, "REDIS_SENTINEL_MASTER", "my master"))
+
+    def test_min_replicas(self) -> None:
+        """A whole number of replicas and a timeout of at least 1 ms, only with Redis."""
+        cfg = load_config({}, {"REDIS_URL": "redis://r", "REDIS_MIN_REPLICAS": "1",
+                               "REDIS_MIN_REPLICAS_TIMEOUT_MS": "250"})
+        self.assertEqual((cfg.redis_min_replicas, cfg.redis_min_replicas_timeout_ms), (1, 250))
+        self.assertIn("whole number", _error(self, "REDIS_MIN_REPLICAS", "1.5"))
+        self.assertIn("at least 1", _error(self, "REDIS_MIN_REPLICAS_TIMEOUT_MS", "0"))
+        e = self.assertRaises(ConfigError, load_config, {}, {"REDIS_MIN_REPLICAS": "1"})
+        self.assertEqual(str(e), "REDIS_MIN_REPLICAS needs REDIS_URL or REDIS_SENTINELS")
+        e = self.assertRaises(ConfigError, load_config, {}, {
+            "REDIS_URL": "redis://r", "REDIS_MIN_REPLICAS": "1", "INSTANCE_TTL": "1"})
+        self.assertEqual(str(e), "REDIS_MIN_REPLICAS_TIMEOUT_MS (500) must be below half of "
+                                 "INSTANCE_TTL in milliseconds (500)")

@@ -239,6 +239,22 @@ class LiveOrderTests(SequencerTestCase):
         self.assertTrue(room.synced)
 
 
+class JumpTests(SequencerTestCase):
+    """The numbering jumped (a new Redis) with nothing missed: no RESYNC_REQUIRED."""
+
+    def test_events_continue_above_the_jump(self) -> None:
+        """The history's jump entry ('', seq) moves the count on; the events after it follow."""
+        room = self.synced_at(10)
+        self.live(102)  # numbered after the jump from 11 to 100
+        self.assertEqual(self.steps.take(), [("read", "p1", 10)])
+        self.seq.read_done("p1", room, 10, (102, [ev(11), b"", b"", b"100", ev(101), b"",
+                                                  ev(102), b""], None))
+        self.assertEqual(self.steps.seqs(), [11, 101, 102])
+        self.assertTrue(room.synced)
+        self.live(103)
+        self.assertEqual(self.steps.seqs()[-1], 103)
+
+
 class HistoryGoneTests(SequencerTestCase):
     """Catching up when the history no longer reaches back."""
 

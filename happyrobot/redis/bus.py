@@ -17,11 +17,10 @@ from twisted.python.failure import Failure
 
 from happyrobot import logs, messages
 from happyrobot.bus import Replay, Unavailable
-from happyrobot.config import redis_address
 from happyrobot.framing import text_frame
 from happyrobot.history import OpKey
 from happyrobot.operator import Actions
-from happyrobot.redis.client import RedisLink, check
+from happyrobot.redis.client import check
 from happyrobot.redis.control import RedisOperator
 from happyrobot.redis.events import EventStore
 from happyrobot.redis.keys import (
@@ -36,6 +35,7 @@ from happyrobot.redis.keys import (
     unpack_envelope,
 )
 from happyrobot.redis.presence import Presence
+from happyrobot.redis.sentinel import RedisTarget
 from happyrobot.redis.sequencer import ReadResult, RoomSequence, Sequencer, Waiting
 from happyrobot.rooms import RoomRegistry
 
@@ -96,7 +96,7 @@ class RedisBus(Service):
     def __init__(
         self,
         registry: RoomRegistry,
-        url: str,
+        url: str | RedisTarget,
         reactor: IReactorTime,
         instance_id: str | None = None,
         instance_ttl: float = 10.0,
@@ -121,13 +121,13 @@ class RedisBus(Service):
         self.reply_timeout = instance_ttl / 2
         #: Backoff between reconnection attempts (tests shorten it).
         self.reconnect_delays = (reconnect_initial_delay, reconnect_max_delay)
-        self.link = RedisLink(
-            redis_address(url), reactor, self.reply_timeout,
-            lambda attempt: backoff(*self.reconnect_delays, attempt),
+        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        self.link = target.link(
+            reactor, self.reply_timeout, lambda attempt: backoff(*self.reconnect_delays, attempt),
             self._commands_changed, self._subscriber_changed, self._message, on_read_done,
         )
         self.events = EventStore(self.link, reactor, self._instance, history_size,
-                                 max(1, int(history_ttl_seconds * 1000)))
+                                 max(1, int(history_ttl_seconds * 1000)), target)
         self._waiters = Waiters()
         self._changed = self._waiters.check
         self.rooms = Sequencer(_RoomSteps(self), registry.deliver, self._changed, self._instance,
@@ -271,9 +271,8 @@ class RedisBus(Service):
         self._heartbeat = LoopingCall(self.heartbeat)
         self._heartbeat.clock = self._reactor
         self._heartbeat.start(self.instance_ttl / 3, now=False)
-        address = self.link.address
-        log.info("instance {instance} connecting to Redis at {host}:{port}",
-                 instance=self.instance_id, host=address.host, port=address.port)
+        log.info("instance {instance} connecting to Redis at {where}",
+                 instance=self.instance_id, where=self.link.where)
 
     def stopService(self) -> Deferred[Any]:
         """Withdraw this instance, then close both connections and stop reconnecting."""

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -88,6 +88,15 @@ def check() -> None:
             f"txredisapi {version} lacks {', '.join(missing)}; happyrobot needs "
             "txredisapi>=1.6.0,<2 and hiredis as pyproject.toml declares"
         )
+
+
+def run_id(info: Any) -> bytes:
+    """The C{run_id} field of an C{INFO server} reply (b"" when absent)."""
+    text = info if isinstance(info, bytes) else str(info or "").encode()
+    for line in text.splitlines():
+        if line.startswith(b"run_id:"):
+            return line[7:].strip()
+    return b""
 
 
 def is_response_error(failure: Failure) -> bool:
@@ -249,10 +258,22 @@ class RedisLink:
         self._message = message
         self._read_done = read_done
         self._services: list[ClientService] = []
+        #: The run id of the Redis the command connection reached (b"" if
+        #: unknown), which the scripts compare with the one that numbered the
+        #: rooms' events so far.
+        self.run_id = b""
+        #: Use a connection only once Redis answers ROLE with master (set
+        #: when a sentinel names the address, which may be out of date).
+        self.master_only = False
         #: The usable connections, None while (re)connecting.
         self._commands: Any = None
         self._subscriber: Any = None
         self._unreachable = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
+
+    @property
+    def where(self) -> str:
+        """Where the connections go, for the log."""
+        return f"{self.address.host}:{self.address.port}"
 
     @property
     def commands_up(self) -> bool:
@@ -269,19 +290,23 @@ class RedisLink:
         """Whether both connections are usable."""
         return self._commands is not None and self._subscriber is not None
 
+    def endpoint(self) -> IStreamClientEndpoint:
+        """Where both connections go (L{happyrobot.redis.sentinel} asks the sentinels)."""
+        return HostnameEndpoint(self._reactor, self.address.host, self.address.port)
+
     def start(self) -> None:
         """Start connecting (and reconnecting, with backoff)."""
         command_class, subscriber_class = protocol_classes()
         a = self.address
         factories = [
-            ConnectionFactory(command_class, a, True, self._commands_ready, self._commands_lost,
-                               self._reactor, self.reply_timeout),
-            ConnectionFactory(subscriber_class, a, False, self._subscriber_ready,
-                               self._subscriber_lost, self._reactor, self.reply_timeout,
-                               self._message, self._read_done),
+            ConnectionFactory(command_class, a, True, self._verified(self._commands_ready),
+                              self._commands_lost, self._reactor, self.reply_timeout),
+            ConnectionFactory(subscriber_class, a, False, self._verified(self._subscriber_ready),
+                              self._subscriber_lost, self._reactor, self.reply_timeout,
+                              self._message, self._read_done),
         ]
         for factory in factories:
-            endpoint = HostnameEndpoint(self._reactor, a.host, a.port)
+            endpoint = self.endpoint()
             service = ClientService(
                 endpoint, factory, retryPolicy=self._retry_delay, clock=self._reactor
             )
@@ -293,9 +318,53 @@ class RedisLink:
         services, self._services = self._services, []
         return gatherResults([s.stopService() for s in services], consumeErrors=True)
 
+    def reconnect(self) -> Deferred[Any]:
+        """Drop both connections and connect again now (the master changed)."""
+        services = list(self._services)
+
+        def again(_: object) -> None:
+            for service in services:
+                if service in self._services:
+                    service.startService()
+
+        return gatherResults([s.stopService() for s in services],
+                             consumeErrors=True).addBoth(again)
+
     # ------------------------------------------------------------ connection hooks
 
+    def _verified(self, ready: Callable[[Any], None]) -> Callable[[Any], None]:
+        """C{ready}, called only once the connection answered ROLE with master (L{master_only})."""
+        if not self.master_only:
+            return ready
+
+        def check(proto: Any) -> None:
+            def answered(reply: Any) -> None:
+                role = reply[0] if isinstance(reply, list) and reply else reply
+                if role in (b"master", "master"):
+                    ready(proto)
+                else:
+                    log.warn("the Redis the sentinels named is not a master; asking them again")
+                    proto.transport.abortConnection()
+
+            def failed(f: Failure) -> None:
+                if not is_connection_error(f):
+                    log.warn("Redis answered ROLE with {why}", why=f.getErrorMessage())
+                    proto.transport.abortConnection()
+
+            proto.execute_command("ROLE").addCallbacks(answered, failed)
+
+        return check
+
     def _commands_ready(self, proto: Any) -> None:
+        def identified(reply: Any) -> None:
+            if not proto.connected:
+                return  # lost meanwhile
+            self.run_id = run_id(reply)
+            self._commands_up(proto)
+
+        proto.execute_command("INFO", "server").addCallbacks(identified, lambda f: identified(b""))
+
+    def _commands_up(self, proto: Any) -> None:
         self._commands = proto
         # Before any EVALSHA on this connection (Redis may have restarted empty).
         for script in ALL_SCRIPTS:
@@ -408,3 +477,88 @@ class RedisLink:
             self.forget(self._subscriber.ping())
         except Exception:
             pass  # the connection is going: its connectionLost reports it
+
+
+def ask(reactor: IReactorTime, address: RedisAddress, timeout: float, *command: Any
+        ) -> Deferred[Any]:
+    """
+    Connect to C{address} (AUTH with its password, if any), run one
+    command, close: the reply, or a failure after C{timeout} seconds at
+    most (a sentinel's questions).
+    """
+    command_class, _ = protocol_classes()
+    result: Deferred[Any] = Deferred()
+    protos: list[Any] = []
+
+    def ready(proto: Any) -> None:
+        def done(reply: Any) -> None:
+            proto.transport.loseConnection()
+            if not result.called:
+                result.callback(reply) if not isinstance(reply, Failure) else result.errback(reply)
+
+        if result.called:  # timed out meanwhile
+            proto.transport.abortConnection()
+            return
+        proto.execute_command(*command).addBoth(done)
+
+    def lost(proto: Any) -> None:
+        if not result.called:
+            result.errback(ConnectionError(f"{address.host}:{address.port} closed the connection"))
+
+    factory = ConnectionFactory(command_class, address, False, ready, lost, reactor, timeout)
+    endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=max(1, int(timeout)))
+
+    def connected(proto: Any) -> None:
+        protos.append(proto)
+
+    def not_connected(f: Failure) -> None:
+        if not result.called:
+            result.errback(f)
+
+    endpoint.connect(factory).addCallbacks(connected, not_connected)
+
+    def cancelled(outcome: Any, _: float) -> Any:
+        for proto in protos:
+            proto.transport.abortConnection()
+        return outcome
+
+    result.addTimeout(timeout, reactor, onTimeoutCancel=cancelled)
+    return result
+
+
+class Subscription:
+    """
+    One channel subscribed to on whichever server C{endpoint} connects to,
+    reconnecting with backoff (the sentinels' C{+switch-master}).
+
+    @param message: called with each message's channel and data.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        address: RedisAddress,
+        channel: bytes,
+        message: Callable[[bytes, bytes], None],
+        reactor: IReactorTime,
+        reply_timeout: float,
+        retry_delay: Callable[[int], float],
+    ) -> None:
+        _, subscriber_class = protocol_classes()
+        self._channel = channel
+        factory = ConnectionFactory(subscriber_class, address, False, self._ready,
+                                    lambda proto: None, reactor, reply_timeout, message,
+                                    lambda: None)
+        self._service = ClientService(endpoint, factory, retryPolicy=retry_delay, clock=reactor)
+
+    def _ready(self, proto: Any) -> None:
+        proto.subscribe([self._channel]).addErrback(
+            lambda f: log.debug("SUBSCRIBE failed: {f}", f=f.getErrorMessage()))
+
+    def start(self) -> None:
+        """Connect and subscribe (again after every lost connection)."""
+        self._service.startService()
+
+    def stop(self) -> Deferred[Any]:
+        """Close the connection and stop reconnecting."""
+        return self._service.stopService()

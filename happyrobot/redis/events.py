@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from happyrobot import logs
 from happyrobot.bus import Unavailable
 from happyrobot.history import OpKey
 from happyrobot.redis import scripts
@@ -31,6 +32,7 @@ from happyrobot.redis.keys import (
     sender_tag,
     seq_key,
 )
+from happyrobot.redis.sentinel import RedisTarget
 from happyrobot.redis.sequencer import ReadResult
 from happyrobot.timers import cancel_if_active
 
@@ -38,6 +40,11 @@ from happyrobot.timers import cancel_if_active
 #: Sent again with "ack": true and the same operationId, it is recognised
 #: if it was stored (not delivered twice); without ack it may be.
 UNCONFIRMED = "Redis did not confirm the event; it may have been stored"
+
+#: At most one "replicas did not confirm" line per this many seconds.
+UNCONFIRMED_LOG_SECONDS = 10.0
+
+log = logs.get_logger(__name__)
 
 #: One append waiting for the flush: (event, exclude, op key, the caller's Deferred).
 _Append = tuple[bytes, "str | None", "OpKey | None", "Deferred[int]"]
@@ -59,8 +66,13 @@ class EventStore:
         instance: bytes,
         history_size: int,
         history_ttl_ms: int,
+        target: RedisTarget | None = None,
     ) -> None:
         self._link = link
+        #: REDIS_MIN_REPLICAS and its timeout: what each turn's WAIT asks for.
+        self.min_replicas = target.min_replicas if target else 0
+        self.min_replicas_timeout_ms = target.min_replicas_timeout_ms if target else 500
+        self._unconfirmed = logs.Throttle(UNCONFIRMED_LOG_SECONDS, clock)
         self._clock = clock
         self._instance = instance
         self.history_size = history_size
@@ -98,12 +110,55 @@ class EventStore:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        held: list[tuple[Deferred[int], Deferred[int]]] = []
         for project_id, appends in pending.items():
+            if self.min_replicas:  # answered once WAIT confirms them
+                appends = [(e, x, o, self._hold(d, held)) for e, x, o, d in appends]
             if len(appends) == 1:
                 event, exclude, op_key, d = appends[0]
                 self._one(project_id, event, exclude, op_key).chainDeferred(d)
             else:
                 self._batch(project_id, appends)
+        if held:
+            self._confirm(held)
+
+    @staticmethod
+    def _hold(d: Deferred[int], held: list[tuple[Deferred[int], Deferred[int]]]
+              ) -> Deferred[int]:
+        """A Deferred for the script's answer, in place of the caller's C{d}."""
+        stored: Deferred[int] = Deferred()
+        held.append((stored, d))
+        return stored
+
+    def _confirm(self, held: list[tuple[Deferred[int], Deferred[int]]]) -> None:
+        """
+        One WAIT after the turn's scripts, on the same connection, so it
+        covers all of them: each caller's Deferred fires with its seq once
+        REDIS_MIN_REPLICAS replicas have them, else fails with
+        L{Unavailable} (a retry with the same op key is recognised).
+        """
+        wanted = self.min_replicas
+        wait = self._link.command(b"WAIT", wanted, self.min_replicas_timeout_ms)
+
+        def counted(reply: Any) -> bool:
+            if int(reply) >= wanted:
+                return True
+            n = self._unconfirmed.due()
+            if n:
+                log.warn("only {got} of {wanted} replicas confirmed events within {ms} ms; "
+                         "their senders are told to retry ({n} turns since the last such line)",
+                         got=int(reply), wanted=wanted, ms=self.min_replicas_timeout_ms, n=n)
+            return False
+
+        def settle(confirmed: bool) -> None:
+            for stored, d in held:
+                if confirmed:
+                    stored.chainDeferred(d)
+                else:
+                    stored.addCallbacks(lambda _, d=d: d.errback(Unavailable(UNCONFIRMED)),
+                                        d.errback)
+
+        wait.addCallbacks(counted, lambda f: False).addCallback(settle)
 
     def _one(
         self, project_id: str, event: bytes, exclude: str | None, op_key: OpKey | None
@@ -114,6 +169,7 @@ class EventStore:
         d = self._link.eval(scripts.APPEND, keys, [
             event, channel_name(project_id), envelope_head(EVENT, self._instance, exclude),
             self.history_size, self.history_ttl_ms, sender_tag(self._instance, exclude),
+            self._link.run_id,
         ])
 
         def appended(reply: list[Any]) -> int:
@@ -148,6 +204,7 @@ class EventStore:
             for _, _, _, d in appends:
                 d.errback(failure)
 
+        args.append(self._link.run_id)
         self._link.eval(scripts.BATCH, keys, args).addCallbacks(appended, failed)
 
     def read(self, project_id: str, since: int | None, kept: bool = False) -> Deferred[ReadResult]:
@@ -159,7 +216,7 @@ class EventStore:
         """
         d = self._link.eval(scripts.READ, [seq_key(project_id), history_key(project_id)], [
             b"" if since is None else b"%d" % since, self.history_size, self.history_ttl_ms,
-            b"1" if kept else b"",
+            b"1" if kept else b"", self._link.run_id,
         ])
 
         def parsed(reply: list[Any]) -> ReadResult:

@@ -29,8 +29,10 @@ log = logs.get_logger(__name__)
 
 #: What a read of a room's history answered: its seq, then its events after
 #: the seq asked for with their sender tags (C{[event, tag, event, tag...]},
-#: None when the history does not reach back), then, when the history did
-#: not reach back but keeps later events, the seq those follow (else None).
+#: None when the history does not reach back; an empty event with a seq as
+#: its tag where the numbering jumped to that seq), then, when the history
+#: did not reach back but keeps later events, the seq those follow (else
+#: None).
 ReadResult = tuple[int, "list[bytes] | None", "int | None"]
 #: A presence envelope waiting for a room's SUBSCRIBE, and what serves the
 #: local members instead if it never reaches Redis.
@@ -290,8 +292,14 @@ class Sequencer:
             if entries:
                 log.info("{project_id}: delivering {n} events missed by the subscription",
                          project_id=project_id, n=len(entries) // 2)
+            at = last + 1
             for i in range(0, len(entries), 2):
-                self._from_history(project_id, room, last + 1 + i // 2, entries[i], entries[i + 1])
+                if entries[i]:
+                    self._from_history(project_id, room, at, entries[i], entries[i + 1])
+                    at += 1
+                else:  # the numbering jumped (a new Redis) with nothing missed: go on above it
+                    room.last = int(entries[i + 1])
+                    at = room.last + 1
             room.last = max(room.last or seq, seq)
         if room.overflow:
             room.overflow = False  # live events were dropped: read again

@@ -146,8 +146,9 @@ export interface AckMessage {
 }
 
 /**
- * (v2) The room's history does not reach back to the client's last seq:
- * reload the room from the back end; live events continue after `seq`.
+ * (v2) The room's history does not reach back to the client's last seq
+ * (or Redis failed over and lost events the client saw): reload the room
+ * from the back end; live events continue after `seq`.
  * (The answer to a room's first join is kept by the client, not passed on.)
  */
 export interface ResyncRequiredMessage {

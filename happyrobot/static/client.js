@@ -482,8 +482,9 @@ export class HappyRobotClient {
       if (first) {
         return; // the answer to the first join's since 0: just the starting point
       }
-      // History does not reach back far enough: the application reloads
-      // the room from its back end; live events continue from here.
+      // History does not reach back far enough (or Redis failed over and
+      // lost events this client saw): the application reloads the room
+      // from its back end; live events continue from here, numbered above.
     } else if (Number.isInteger(seq) && this._rooms.has(projectId)) {
       const last = this._lastSeq.get(projectId);
       if (last !== undefined && seq <= last) {

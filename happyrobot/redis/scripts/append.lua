@@ -2,7 +2,7 @@
 local now = now_ms()
 local ttl = tonumber(ARGV[5])
 local oldest = trim_age(KEYS[2], now - ttl)
-current_seq(KEYS[1], KEYS[2], now, ttl)
+current_seq(KEYS[1], KEYS[2], now, ttl, seq_floor(ARGV[7], now))
 if KEYS[3] then
   local seen = redis.call('GET', KEYS[3])
   if seen and oldest and tonumber(seen) >= oldest then

@@ -2,7 +2,7 @@
 local now = now_ms()
 local ttl = tonumber(ARGV[4])
 trim_age(KEYS[2], now - ttl)
-local seq = current_seq(KEYS[1], KEYS[2], now, ttl)
+local seq = current_seq(KEYS[1], KEYS[2], now, ttl, seq_floor(ARGV[#ARGV], now))
 local first = seq + 1
 local t = num(now)
 local reply = {}
