@@ -8,7 +8,14 @@ import runpy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from happyrobot.config import FITTED, SETTINGS, Config, ConfigError, load_config, parse_dotenv
+from happyrobot.config import (
+    FITTED,
+    SETTINGS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_dotenv,
+)
 from tests.helpers import REPO_ROOT
 
 
