@@ -28,6 +28,7 @@ from happyrobot.bus import Bus, LocalBus
 from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
+from happyrobot.redis import intake as redis_intake
 from happyrobot.redis.bus import RedisBus
 from happyrobot.rooms import RoomRegistry
 from happyrobot.seams import Unsupported
@@ -327,6 +328,8 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
             raise ConfigError(
                 "WORKERS above 1 needs REDIS_URL: the workers share rooms through Redis"
             )
+        if config.intake_stream and not config.redis_url:
+            raise ConfigError("INTAKE_STREAM needs Redis (REDIS_URL): the stream is in Redis")
         if multi:
             try:
                 _, port = workers.tcp_address(config.port)
@@ -349,6 +352,9 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
     )
     drain.setServiceParent(service)
     factory.bus.setServiceParent(drain)
+    if config.intake_stream:  # after the bus: stops first, while the bus still publishes
+        bus = cast(RedisBus, factory.bus)
+        redis_intake.for_bus(config, bus, factory.metrics, reactor).setServiceParent(drain)
     if multi:
         workers.ReusePortService(reactor, config.port, make_site(factory)).setServiceParent(
             service

@@ -27,7 +27,7 @@ import functools
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
@@ -408,3 +408,69 @@ class RedisLink:
             self.forget(self._subscriber.ping())
         except Exception:
             pass  # the connection is going: its connectionLost reports it
+
+
+class SingleConnection:
+    """
+    One more command connection, kept up by a L{ClientService} with
+    backoff, for commands that block (C{XREADGROUP ... BLOCK}): a blocking
+    read on the bus's command connection would hold up every command
+    queued behind it.  The owner hears of the connection becoming usable
+    or lost through C{changed}.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        reactor: IReactorTime,
+        reply_timeout: float,
+        retry_delay: Callable[[int], float],
+        changed: Callable[[bool], None],
+    ) -> None:
+        self.address = address
+        self._reactor = reactor
+        self._reply_timeout = reply_timeout
+        self._retry_delay = retry_delay
+        self._changed = changed
+        self._service: ClientService | None = None
+        self._proto: Any = None
+
+    @property
+    def up(self) -> bool:
+        """Whether the connection is usable."""
+        return self._proto is not None
+
+    def start(self) -> None:
+        """Start connecting (and reconnecting, with backoff)."""
+        command_class, _ = protocol_classes()
+        factory = ConnectionFactory(command_class, self.address, True, self._ready, self._lost,
+                                    self._reactor, self._reply_timeout)
+        endpoint = HostnameEndpoint(self._reactor, self.address.host, self.address.port)
+        self._service = ClientService(endpoint, factory, retryPolicy=self._retry_delay,
+                                      clock=self._reactor)
+        self._service.startService()
+
+    def stop(self) -> Deferred[Any]:
+        """Close the connection and stop reconnecting."""
+        service, self._service = self._service, None
+        if service is None:
+            return succeed(None)
+        return service.stopService()
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        """Run one command (a failed Deferred while the connection is down)."""
+        if self._proto is None:
+            return fail(ConnectionError("Redis link down"))
+        try:
+            return self._proto.execute_command(*args)
+        except Exception:
+            return fail()
+
+    def _ready(self, proto: Any) -> None:
+        self._proto = proto
+        self._changed(True)
+
+    def _lost(self, proto: Any) -> None:
+        if proto is self._proto:
+            self._proto = None
+            self._changed(False)

@@ -1,0 +1,215 @@
+"""
+The intake (INTAKE_STREAM): entry validation and dead-letter reasons
+(pure), the start-up check, and one instance consuming a real Redis
+stream in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from happyrobot import StartupError
+from happyrobot.messages import MAX_OPERATION_ID_CHARS
+from happyrobot.redis.intake import (
+    OP_USER,
+    Dead,
+    Entry,
+    Intake,
+    for_bus,
+    id_ms,
+    parse_entry,
+    stream_entries,
+)
+from happyrobot.tap import Options, makeService
+from tests.helpers import Client, Node, RedisServer, RedisTestCase
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+class ParseEntryTests(SynchronousTestCase):
+    """One stream entry validated as POST /broadcast validates its body."""
+
+    def test_valid(self) -> None:
+        """A valid event is published with its operationId as the de-duplication key."""
+        e = parse_entry(b"5-0", [b"event", body(type="T", projectId="p1", operationId="op1",
+                                                payload={"a": 1})], 1000)
+        assert isinstance(e, Entry)
+        self.assertEqual((e.id, e.event.project_id, e.event.type), (b"5-0", "p1", "T"))
+        self.assertEqual(e.event.payload, {"a": 1})
+        self.assertEqual(e.op_key, (OP_USER, "op1"))
+
+    def test_without_operation_id(self) -> None:
+        """Without an operationId, the entry's id is the key and the event's operationId."""
+        e = parse_entry(b"17-3", [b"other", b"x", b"event", body(type="T", projectId="p1")], 1000)
+        assert isinstance(e, Entry)
+        self.assertEqual(e.op_key, (OP_USER, "intake-17-3"))
+        self.assertEqual(e.event.operation_id, "intake-17-3")
+
+    def test_dead_reasons(self) -> None:
+        """Each kind of bad entry gets its reason, the text of /broadcast's 400 reply."""
+        cases = [
+            ([b"data", b"{}"], "Missing field: event"),
+            ([b"event", b"not json"], "Invalid JSON"),
+            ([b"event", b"[1]"], "Body must be a JSON object"),
+            ([b"event", body(type="T")], "Missing required fields: type, projectId"),
+            ([b"event", body(projectId="p1")], "Missing required fields: type, projectId"),
+            ([b"event", body(type="T", projectId="p1", pad="x" * 200)],
+             "Body larger than 128 bytes"),
+            ([b"event", body(type="T", projectId="p1", operationId=5)],
+             f"operationId must be a string of at most {MAX_OPERATION_ID_CHARS} characters"),
+        ]
+        for fields, reason in cases:
+            d = parse_entry(b"1-0", fields, 128)
+            self.assertIsInstance(d, Dead, fields)
+            assert isinstance(d, Dead)
+            self.assertEqual(d.reason, reason)
+            self.assertEqual((d.id, d.fields), (b"1-0", fields))
+
+    def test_size_limit_is_inclusive(self) -> None:
+        """An event of exactly MAX_BROADCAST_BYTES is accepted."""
+        b = body(type="T", projectId="p1")
+        self.assertIsInstance(parse_entry(b"1-0", [b"event", b], len(b)), Entry)
+        self.assertIsInstance(parse_entry(b"1-0", [b"event", b], len(b) - 1), Dead)
+
+    def test_replies(self) -> None:
+        """XREADGROUP replies: none on a timeout, entries (or deleted ones) otherwise."""
+        self.assertEqual(stream_entries(None), [])
+        self.assertEqual(stream_entries([[b"s", [[b"1-0", [b"event", b"{}"]], [b"2-0", None]]]]),
+                         [(b"1-0", [b"event", b"{}"]), (b"2-0", None)])
+        self.assertEqual(id_ms(b"1700000000123-4"), 1700000000123)
+
+
+class StartupTests(SynchronousTestCase):
+    """INTAKE_STREAM without Redis stops start-up with one line."""
+
+    def test_needs_redis(self) -> None:
+        o = Options(environ={"INTAKE_STREAM": "happyrobot:intake"})
+        o.parseOptions(["--env-file="])
+        e = self.assertRaises(StartupError, makeService, o, MemoryReactorClock())
+        self.assertEqual(e.code, "happyrobot-ws: INTAKE_STREAM needs Redis (REDIS_URL): "
+                                 "the stream is in Redis")
+
+    def test_option(self) -> None:
+        o = Options(environ={})
+        o.parseOptions(["--env-file=", "--intake-stream", " hr:in "])
+        self.assertEqual(o.config().intake_stream, "hr:in")
+        self.assertEqual(Options(environ={}).config().intake_stream, "")
+
+
+async def wait_until(condition: Any, seconds: float = 10.0, what: str = "") -> None:
+    """Poll C{condition} every 20 ms, for at most C{seconds}."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+async def events_of(client: Client, n: int, seconds: float = 10.0) -> list[dict[str, Any]]:
+    """The next C{n} events (frames with a seq) that C{client} receives."""
+    got: list[dict[str, Any]] = []
+    for _ in range(n * 20):
+        if len(got) >= n:
+            break
+        frame = await client.next().addTimeout(seconds, reactor)
+        if "seq" in frame and frame.get("type") not in ("ACK",):
+            got.append(frame)
+    return got
+
+
+class IntakeRedisTests(RedisTestCase):
+    """An instance in this process consuming a real Redis stream."""
+
+    timeout = 30
+
+    async def node_with_intake(self, redis: RedisServer, **overrides: Any) -> tuple[Node, Intake]:
+        node = await self.start_node(redis, intake_stream="in", instance_ttl_seconds=1.5,
+                                     **overrides)
+        intake = for_bus(node.factory.config, node.bus, node.factory.metrics, reactor)
+        intake.startService()
+        self.addCleanup(intake.stopService)
+        return node, intake
+
+    async def test_publish_dead_letter_and_metrics(self) -> None:
+        """
+        Entries reach their room in order with a seq, a retried operationId
+        is published once, a bad entry goes to in:dead with its reason while
+        the later ones are delivered, and everything is acknowledged.
+        """
+        redis = await self.start_redis()
+        node, intake = await self.node_with_intake(redis)
+        member = await node.joined("p1", "u1")
+        await node.settled()
+        await wait_until(lambda: intake.active, what="the lease")
+        sent = [
+            body(type="T", projectId="p1", operationId="a", payload={"n": 1}),
+            body(type="T", projectId="p1", operationId="a", payload={"n": 1}),  # a retry
+            b"oops",
+            body(type="T", projectId="p1", payload={"n": 2}),
+        ]
+        for b in sent:
+            await redis.command("XADD", "in", "*", "event", b)
+        got = await events_of(member, 2)
+        self.assertEqual([e["payload"]["n"] for e in got], [1, 2])
+        self.assertEqual(got[1]["seq"], got[0]["seq"] + 1)
+        self.assertEqual(got[0]["operationId"], "a")
+        self.assertTrue(got[1]["operationId"].startswith("intake-"))
+        dead = await redis.command("XRANGE", "in:dead", "-", "+")
+        self.assertEqual(len(dead), 1)
+        fields = dict(zip(dead[0][1][::2], dead[0][1][1::2]))
+        self.assertEqual((fields["reason"], fields["event"]), ("Invalid JSON", "oops"))
+        await wait_until(lambda: intake.consumed == 3 and intake.dead == 1)
+        await intake.poll()
+        self.assertEqual((intake.pending, intake.lag), (0, 0))
+        text = node.factory.metrics.exposition().decode()
+        self.assertIn("happyrobot_intake_consumed_total 3.0", text)
+        self.assertIn("happyrobot_intake_dead_total 1.0", text)
+        self.assertIn("happyrobot_intake_pending 0.0", text)
+        self.assertIn("happyrobot_intake_active 1.0", text)
+        self.assertEqual(node.factory.metrics.dashboard()["intake"]["consumed"], 3)
+
+    async def test_one_consumer_and_takeover_of_pending(self) -> None:
+        """
+        Of two instances one consumes; entries a stopped consumer read and
+        did not acknowledge are published by the other, before new ones.
+        """
+        redis = await self.start_redis()
+        a, ia = await self.node_with_intake(redis)
+        b, ib = await self.node_with_intake(redis)
+        await wait_until(lambda: ia.active or ib.active, what="a lease")
+        self.assertFalse(ia.active and ib.active)
+        # Entries read by a consumer that died before acknowledging them.
+        await redis.command("XGROUP", "CREATE", "in", "happyrobot", "0", "MKSTREAM")
+        member = await b.joined("p1", "u1")
+        await b.settled()
+        holder, other = (ia, ib) if ia.active else (ib, ia)
+        await holder.stopService()  # gives the lease up
+        for n in range(3):
+            await redis.command("XADD", "in", "*", "event",
+                                body(type="T", projectId="p1", operationId=f"o{n}",
+                                     payload={"n": n}))
+        await redis.command("XREADGROUP", "GROUP", "happyrobot", "gone", "COUNT", "2",
+                            "STREAMS", "in", ">")
+        got = await events_of(member, 3)
+        self.assertEqual([e["payload"]["n"] for e in got], [0, 1, 2])
+        await wait_until(lambda: other.consumed == 3)
+        self.assertTrue(other.active)
+        pending = await redis.command("XPENDING", "in", "happyrobot")
+        self.assertEqual(pending[0], 0)
+
+    async def test_stop_without_start(self) -> None:
+        """Stopping an intake whose loop waits for the lease ends promptly."""
+        redis = await self.start_redis()
+        _, intake = await self.node_with_intake(redis)
+        d: Deferred[Any] = intake.stopService()
+        await d.addTimeout(5, reactor)
+        self.assertFalse(intake.active)
