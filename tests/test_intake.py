@@ -6,6 +6,7 @@ stream in this process.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import StartupError
+from happyrobot import __main__ as cli
 from happyrobot.messages import MAX_OPERATION_ID_CHARS
 from happyrobot.redis.intake import (
     OP_USER,
@@ -28,7 +30,7 @@ from happyrobot.redis.intake import (
     stream_entries,
 )
 from happyrobot.tap import Options, makeService
-from tests.helpers import Client, Node, RedisServer, RedisTestCase
+from tests.helpers import Client, Node, RedisServer, RedisTestCase, free_port
 
 
 def body(**fields: Any) -> bytes:
@@ -213,3 +215,44 @@ class IntakeRedisTests(RedisTestCase):
         d: Deferred[Any] = intake.stopService()
         await d.addTimeout(5, reactor)
         self.assertFalse(intake.active)
+
+
+class PublishStreamTests(RedisTestCase):
+    """``python -m happyrobot publish --stream``."""
+
+    async def publish(self, *argv: str) -> tuple[int, str, str]:
+        args = cli.parse_args(["publish", *argv], environ={})
+        out, err = io.StringIO(), io.StringIO()
+        code = await cli.run(reactor, args, out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    async def test_appends_the_broadcast_body(self) -> None:
+        """The entry's event field is the body POST /broadcast would get."""
+        redis = await self.start_redis()
+        code, out, err = await self.publish("p1", "TASK_UPDATE", '{"id": "t1"}', "--stream",
+                                            "in", "--redis-url", redis.url,
+                                            "--operation-id", "op-9", "--user-id", "u1")
+        self.assertEqual((code, err), (0, ""))
+        reply = json.loads(out)
+        entries = await redis.command("XRANGE", "in", "-", "+")
+        self.assertEqual(reply, {"success": True, "stream": "in", "id": entries[0][0]})
+        self.assertEqual(entries[0][1][0], "event")
+        self.assertEqual(json.loads(entries[0][1][1]), {
+            "type": "TASK_UPDATE", "projectId": "p1", "payload": {"id": "t1"}, "userId": "u1",
+            "operationId": "op-9"})
+
+    async def test_errors(self) -> None:
+        """Without a Redis URL, or with a Redis that is not there: one line, exit 1."""
+        code, _, err = await self.publish("p1", "T", "{}", "--stream", "in")
+        self.assertEqual((code, err), (1, "happyrobot: --stream needs --redis-url (or "
+                                          "REDIS_URL)\n"))
+        port = free_port()
+        code, _, err = await self.publish("p1", "T", "{}", "--stream", "in", "--redis-url",
+                                          f"redis://127.0.0.1:{port}/0")
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(f"happyrobot: cannot append to in at 127.0.0.1:{port}: "),
+                        err)
+        code, _, err = await self.publish("p1", "T", "{}", "--stream", "in", "--redis-url",
+                                          "http://x")
+        self.assertEqual(code, 1)
+        self.assertIn("REDIS_URL must look like", err)

@@ -474,3 +474,27 @@ class SingleConnection:
         if proto is self._proto:
             self._proto = None
             self._changed(False)
+
+
+async def command_once(reactor: IReactorTime, address: RedisAddress, timeout: float,
+                       *args: Any) -> Any:
+    """
+    Connect, run one command and disconnect (for the command line).  Fails
+    if Redis cannot be reached or does not answer within C{timeout} seconds.
+    """
+    ready: Deferred[Any] = Deferred()
+
+    def lost(_: Any) -> None:
+        if not ready.called:
+            ready.errback(ConnectionError("Redis closed the connection"))
+
+    command_class, _ = protocol_classes()
+    factory = ConnectionFactory(command_class, address, True, ready.callback, lost, reactor,
+                                timeout)
+    endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    proto: Any = await endpoint.connect(factory)
+    try:
+        await ready.addTimeout(timeout, reactor)
+        return await proto.execute_command(*args)
+    finally:
+        proto.transport.loseConnection()

@@ -32,11 +32,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from happyrobot import logs, messages
-from happyrobot.config import Config
+from happyrobot.config import Config, ConfigError, redis_address
 from happyrobot.history import OpKey
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus, backoff
-from happyrobot.redis.client import SingleConnection
+from happyrobot.redis.client import SingleConnection, command_once
 
 log = logs.get_logger(__name__)
 
@@ -467,3 +467,29 @@ def for_bus(config: Config, bus: RedisBus, metrics: Metrics, reactor: IReactorTi
     metrics.registry.register(IntakeCollector(intake))
     metrics.intake_status = intake.status
     return intake
+
+
+class PublishError(Exception):
+    """The command line could not append to the stream (one line)."""
+
+
+async def append_event(reactor: IReactorTime, url: str, stream: str, body: dict[str, Any],
+                       timeout: float = 5.0) -> str:
+    """
+    C{XADD <stream> * event <json>}: what a back end does to publish
+    through the intake.  Returns the entry's id.
+
+    @raise PublishError: a bad URL, or Redis unreachable or refusing.
+    """
+    try:
+        address = redis_address(url)
+    except ConfigError as e:
+        raise PublishError(str(e)) from None
+    data = messages.dumps(body)
+    try:
+        entry_id = await command_once(reactor, address, timeout, "XADD", stream, "*",
+                                      "event", data)
+    except Exception as e:
+        raise PublishError(f"cannot append to {stream} at {address.host}:{address.port}: "
+                           f"{str(e) or e.__class__.__name__}") from None
+    return str(entry_id.decode("ascii") if isinstance(entry_id, bytes) else entry_id)
