@@ -256,3 +256,23 @@ class PublishStreamTests(RedisTestCase):
                                           "http://x")
         self.assertEqual(code, 1)
         self.assertIn("REDIS_URL must look like", err)
+
+
+class LeaseTests(RedisTestCase):
+    """The lease is taken once Redis can be reached, however long its life."""
+
+    timeout = 30
+
+    async def test_lease_taken_after_redis_comes_back(self) -> None:
+        redis = await self.start_redis()
+        node = await self.start_node(redis, intake_stream="in", instance_ttl_seconds=30.0)
+        await redis.stop()
+        intake = for_bus(node.factory.config, node.bus, node.factory.metrics, reactor)
+        intake.startService()
+        self.addCleanup(intake.stopService)
+        await deferLater(reactor, 0.3)
+        self.assertFalse(intake.active)
+        await redis.start()
+        await wait_until(lambda: intake.active, 5, "the lease, within LEASE_TRY_SECONDS")
+        await redis.command("XADD", "in", "*", "event", body(type="T", projectId="p1"))
+        await wait_until(lambda: intake.consumed == 1, 5, "the entry")

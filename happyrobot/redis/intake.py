@@ -51,6 +51,10 @@ BATCH_SIZE = 1000
 BLOCK_MS = 1000
 #: Wait after a failed read or append before trying again (Redis away).
 RETRY_SECONDS = 0.5
+#: How often an instance tries to take the lease (and at most how long
+#: between renewals): a consumer that died is replaced within INSTANCE_TTL
+#: and this.
+LEASE_TRY_SECONDS = 1.0
 #: At most one line about dead-lettered entries per this many seconds.
 DEAD_LOG_SECONDS = 10.0
 #: About how many entries the dead-letter stream keeps (the oldest go first).
@@ -200,7 +204,7 @@ class Intake(Service):
     def startService(self) -> None:
         super().startService()
         self._reader.start()
-        self._lease_call.start(self.lease_seconds / 3, now=True).addErrback(
+        self._lease_call.start(min(self.lease_seconds / 3, LEASE_TRY_SECONDS), now=True).addErrback(
             lambda f: log.failure("intake lease timer failed", f))
         self._poll_call.start(POLL_SECONDS, now=False).addErrback(
             lambda f: log.failure("intake statistics timer failed", f))
@@ -210,27 +214,33 @@ class Intake(Service):
                  stream=self.stream.decode(), consumer=self.consumer.decode())
 
     def stopService(self) -> Deferred[Any]:
-        """Stop reading, give the lease up (another instance takes over), disconnect."""
+        """
+        Stop reading and give the lease up at once (another instance takes
+        over; the bus, stopped with us, sends this before its goodbye), then
+        disconnect.
+        """
         super().stopService()
         for call in (self._lease_call, self._poll_call):
             if call.running:
                 call.stop()
-        self._wake_up()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        if self._loop is not None:
-            loop = self._loop
-            # A blocked read ends with its connection, or within BLOCK_MS.
-            await self._reader.stop()
-            await loop
+        release: Deferred[Any] | None = None
         if self._lease_until:
             self._lease_until = 0.0
+            release = self._command("EVAL", RELEASE, 1, self.lease_key, self.consumer)
+        self._wake_up()
+        return Deferred.fromCoroutine(self._stop(release))
+
+    async def _stop(self, release: Deferred[Any] | None) -> None:
+        if release is not None:
             try:
-                await self._command("EVAL", RELEASE, 1, self.lease_key, self.consumer)
+                await release
             except Exception:
                 log.warn("intake: Redis did not confirm that the lease was given up; "
                          "it expires instead")
+        if self._loop is not None:
+            # A blocked read ends with its connection, or within block_ms.
+            await self._reader.stop()
+            await self._loop
 
     # ------------------------------------------------------------ lease
 
