@@ -29,7 +29,6 @@ import argparse
 import base64
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
