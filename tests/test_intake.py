@@ -190,7 +190,7 @@ class IntakeRedisTests(RedisTestCase):
         await wait_until(lambda: ia.active or ib.active, what="a lease")
         self.assertFalse(ia.active and ib.active)
         # Entries read by a consumer that died before acknowledging them.
-        await redis.command("XGROUP", "CREATE", "in", "happyrobot", "0", "MKSTREAM")
+        await wait_until(lambda: ia._group_ready or ib._group_ready, what="the group")
         member = await b.joined("p1", "u1")
         await b.settled()
         holder, other = (ia, ib) if ia.active else (ib, ia)
