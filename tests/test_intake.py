@@ -276,3 +276,25 @@ class LeaseTests(RedisTestCase):
         await wait_until(lambda: intake.active, 5, "the lease, within LEASE_TRY_SECONDS")
         await redis.command("XADD", "in", "*", "event", body(type="T", projectId="p1"))
         await wait_until(lambda: intake.consumed == 1, 5, "the entry")
+
+    async def test_lease_kept_lost_and_taken_back(self) -> None:
+        """
+        A renewal that comes after the holder counted its lease as lost
+        takes it back; a lease another instance holds is not taken.
+        """
+        redis = await self.start_redis()
+        node = await self.start_node(redis, intake_stream="in", instance_ttl_seconds=30.0)
+        intake = for_bus(node.factory.config, node.bus, node.factory.metrics, reactor)
+        intake.startService()
+        self.addCleanup(intake.stopService)
+        await wait_until(lambda: intake.active, 5, "the lease")
+        intake._lease_until = 0.0  # as if a renewal had been late
+        await intake._lease()
+        self.assertTrue(intake.active)
+        self.assertGreater(await redis.command("PTTL", "in:consumer"), 25000)
+        await redis.command("SET", "in:consumer", "someone-else")
+        await intake._lease()
+        self.assertFalse(intake.active)
+        await redis.command("DEL", "in:consumer")
+        await intake._lease()
+        self.assertTrue(intake.active)

@@ -127,9 +127,11 @@ def id_ms(entry_id: bytes) -> int:
 Append = Callable[[str, bytes, "str | None", "OpKey | None"], "Deferred[int]"]
 Command = Callable[..., "Deferred[Any]"]
 
-#: Renew the lease if we still hold it (compare and PEXPIRE, atomically).
-RENEW = (b"if redis.call('GET', KEYS[1]) == ARGV[1] then "
-         b"return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+#: Take the lease, or renew it if we hold it (also when we counted it as
+#: lost: a renewal that came late).  1 if it is ours now, else 0.
+TAKE = (b"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+        b"if redis.call('GET', KEYS[1]) == ARGV[1] then "
+        b"return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
 #: Give the lease up if we hold it (on stop: another instance takes over at once).
 RELEASE = (b"if redis.call('GET', KEYS[1]) == ARGV[1] then "
            b"return redis.call('DEL', KEYS[1]) else return 0 end")
@@ -252,13 +254,10 @@ class Intake(Service):
         ttl_ms = max(1, int(self.lease_seconds * 1000))
         held = self._lease_until > sent
         try:
-            if held:
-                ok = await self._command("EVAL", RENEW, 1, self.lease_key, self.consumer, ttl_ms)
-            else:
-                ok = await self._command("SET", self.lease_key, self.consumer, "NX", "PX", ttl_ms)
+            ok = await self._command("EVAL", TAKE, 1, self.lease_key, self.consumer, ttl_ms)
         except Exception:
             return  # the link is down: the lease runs out on its own
-        if ok and ok != 0:
+        if ok == 1:
             if not held:
                 log.info("intake: this instance consumes {stream} now",
                          stream=self.stream.decode())
