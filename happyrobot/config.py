@@ -122,8 +122,9 @@ SETTINGS = (
             "true adds /echo, a WebSocket echoing every message, for the "
             "Autobahn|Testsuite (scripts/conformance); never in production"),
     Setting("INTAKE_STREAM", "intake-stream", "",
-            "Redis stream the back end appends events to (XADD <stream> * event <json>), "
-            "consumed by the instances into the rooms; needs Redis (empty: off)"),
+            "Redis stream through which the back end publishes: one entry per event, "
+            "its field event holding the POST /broadcast body, published into the rooms "
+            "once each and in order; needs Redis (empty: off; docs/operations.md)"),
 )
 
 
