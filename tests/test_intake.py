@@ -11,9 +11,10 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import StartupError
@@ -298,3 +299,86 @@ class LeaseTests(RedisTestCase):
         await redis.command("DEL", "in:consumer")
         await intake._lease()
         self.assertTrue(intake.active)
+
+
+class FakeRedis:
+    """Answers the intake's commands at once, and keeps them."""
+
+    up = True
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        self.commands.append(args)
+        return succeed(1)
+
+
+class PublishTests(SynchronousTestCase):
+    """One batch: appends, dead letters, one XACK, and the throttled log line."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = FakeRedis()
+        self.appended: list[tuple[str, bytes, Any, Any]] = []
+        self.flushes = 0
+
+        def append(project_id: str, event: bytes, exclude: Any, op_key: Any) -> Deferred[int]:
+            self.appended.append((project_id, event, exclude, op_key))
+            return succeed(len(self.appended))
+
+        def flush() -> None:
+            self.flushes += 1
+
+        self.intake = Intake("in", "me", self.redis, self.redis.command,  # type: ignore[arg-type]
+                             append, flush, self.clock, 10.0, 1000)
+
+    def publish(self, entries: list[tuple[bytes, list[bytes] | None]]) -> None:
+        d = Deferred.fromCoroutine(self.intake._publish(entries))
+        self.successResultOf(d)
+
+    def test_batch(self) -> None:
+        """Valid entries are appended in one turn, bad ones dead-lettered, all acked at once."""
+        with capturedLogs() as events:
+            self.publish([
+                (b"1-0", [b"event", body(type="T", projectId="p1", operationId="a")]),
+                (b"2-0", [b"event", b"nope"]),
+                (b"3-0", None),  # deleted from the stream after it was read
+                (b"4-0", [b"event", body(type="T", projectId="p2")]),
+            ])
+        self.assertEqual([(a[0], a[2], a[3]) for a in self.appended],
+                         [("p1", None, ("", "a")), ("p2", None, ("", "intake-4-0"))])
+        self.assertEqual(json.loads(self.appended[0][1])["operationId"], "a")
+        self.assertEqual(self.flushes, 1)
+        self.assertEqual(self.redis.commands, [
+            ("XADD", b"in:dead", "MAXLEN", "~", 10000, "*", "reason", "Invalid JSON",
+             "entry", b"2-0", b"event", b"nope"),
+            ("XACK", b"in", b"happyrobot", b"1-0", b"2-0", b"3-0", b"4-0"),
+        ])
+        self.assertEqual((self.intake.consumed, self.intake.dead), (3, 1))
+        lines = [e for e in events if "bad entries" in e.get("log_format", "")]
+        self.assertEqual([e["n"] for e in lines], [1])
+
+    def test_dead_letter_log_throttled(self) -> None:
+        """At most one line per 10 s about bad entries, with how many there were."""
+        with capturedLogs() as events:
+            for i in range(5):
+                self.publish([(b"%d-0" % i, [b"event", b"{"])])
+                self.clock.advance(3)
+            self.publish([(b"9-0", [b"event", b"{"]), (b"10-0", [b"x", b"y"])])
+        lines = [e["n"] for e in events if "bad entries" in e.get("log_format", "")]
+        # t=0: the first; t=12: the four since; the last two (t=15) wait for t>=22.
+        self.assertEqual(lines, [1, 4])
+        self.assertEqual(self.intake.dead, 7)
+
+    def test_failed_append_acks_nothing(self) -> None:
+        """When an append fails, nothing of the batch is acknowledged."""
+        def failing(*args: Any) -> Deferred[int]:
+            return fail(RuntimeError("Redis unreachable"))
+
+        self.intake._append = failing
+        d = Deferred.fromCoroutine(self.intake._publish(
+            [(b"1-0", [b"event", body(type="T", projectId="p1")])]))
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual([c for c in self.redis.commands if c[0] == "XACK"], [])
+        self.assertEqual(self.intake.consumed, 0)
