@@ -5,7 +5,8 @@ console script).
 ``tail <projectId>`` connects like a browser would (SET_USER, then
 JOIN_PROJECT) and prints the room's messages as JSON lines as they arrive;
 ``publish <projectId> <type> <json>`` sends one event through
-``POST /broadcast`` and prints the server's reply.  Exit codes: 0 done, 1
+``POST /broadcast`` and prints the server's reply (with ``--stream``, appends
+it to the intake stream in Redis instead).  Exit codes: 0 done, 1
 failure (with a one-line message on stderr), 2 usage error.
 """
 
