@@ -24,6 +24,7 @@ from happyrobot.redis.intake import (
     OP_USER,
     Dead,
     Entry,
+    GroupState,
     Intake,
     for_bus,
     id_ms,
@@ -172,7 +173,7 @@ class IntakeRedisTests(RedisTestCase):
         self.assertEqual((fields["reason"], fields["event"]), ("Invalid JSON", "oops"))
         await wait_until(lambda: intake.consumed == 3 and intake.dead == 1)
         await intake.poll()
-        self.assertEqual((intake.pending, intake.lag), (0, 0))
+        self.assertEqual((intake.group.pending, intake.group.lag), (0, 0))
         text = node.factory.metrics.exposition().decode()
         self.assertIn("happyrobot_intake_consumed_total 3.0", text)
         self.assertIn("happyrobot_intake_dead_total 1.0", text)
@@ -382,3 +383,32 @@ class PublishTests(SynchronousTestCase):
         self.failureResultOf(d, RuntimeError)
         self.assertEqual([c for c in self.redis.commands if c[0] == "XACK"], [])
         self.assertEqual(self.intake.consumed, 0)
+
+
+class GroupStateTests(RedisTestCase):
+    """The pending entries, the lag and the age of the oldest entry not acknowledged."""
+
+    async def test_pending_lag_and_age(self) -> None:
+        redis = await self.start_redis()
+        import txredisapi
+
+        # Replies as the server's connections have them: bytes.
+        conn = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False,
+                                           charset=None, convertNumbers=False)
+        self.addCleanup(conn.disconnect)
+        state = GroupState(b"in", conn.execute_command, reactor)
+        await state.poll()  # no stream yet: nothing to say
+        self.assertEqual((state.pending, state.lag, state.oldest_age_seconds), (0, 0, 0.0))
+        now_ms = int(reactor.seconds() * 1000)
+        await redis.command("XGROUP", "CREATE", "in", "happyrobot", "0", "MKSTREAM")
+        for age in (60, 30, 10):
+            await redis.command("XADD", "in", f"{now_ms - age * 1000}-0", "event", "{}")
+        await redis.command("XREADGROUP", "GROUP", "happyrobot", "gone", "COUNT", "1",
+                            "STREAMS", "in", ">")
+        await state.poll()
+        self.assertEqual((state.pending, state.lag), (1, 2))
+        self.assertTrue(59 <= state.oldest_age_seconds < 65, state.oldest_age_seconds)
+        await redis.command("XACK", "in", "happyrobot", f"{now_ms - 60000}-0")
+        await state.poll()  # the oldest not acknowledged is now the first not read
+        self.assertEqual((state.pending, state.lag), (0, 2))
+        self.assertTrue(29 <= state.oldest_age_seconds < 35, state.oldest_age_seconds)

@@ -189,12 +189,10 @@ class Intake(Service):
         self._wake: tuple[IDelayedCall, Deferred[None]] | None = None
         self._dead_log = logs.Throttle(DEAD_LOG_SECONDS, clock)
         self._fail_log = logs.Throttle(DEAD_LOG_SECONDS, clock)
-        #: For /metrics (this instance's counts, and the group's state last polled).
+        #: For /metrics: this instance's counts, and the group's state.
         self.consumed = 0
         self.dead = 0
-        self.pending = 0
-        self.lag = 0
-        self.oldest_age_seconds = 0.0
+        self.group = GroupState(self.stream, command, clock)
 
     @property
     def active(self) -> bool:
@@ -372,7 +370,54 @@ class Intake(Service):
     # ------------------------------------------------------------ statistics
 
     def poll(self) -> Deferred[None]:
-        """Read the group's pending entries, lag and oldest entry not acknowledged."""
+        """Read the group's state now (the service does every L{POLL_SECONDS})."""
+        return self.group.poll()
+
+    def status(self) -> dict[str, Any]:
+        """The intake's figures, for /dashboard/data."""
+        return {
+            "stream": self.stream.decode(),
+            "active": self.active,
+            "pending": self.group.pending,
+            "lag": self.group.lag,
+            "oldestPendingAgeSeconds": round(self.group.oldest_age_seconds, 3),
+            "consumed": self.consumed,
+            "dead": self.dead,
+        }
+
+    # ------------------------------------------------------------ waiting
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._wake = (self._clock.callLater(seconds, self._wake_up), d)
+        return d
+
+    def _wake_up(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            call, d = wake
+            if call.active():
+                call.cancel()
+            d.callback(None)
+
+
+class GroupState:
+    """
+    The consumer group's pending entries, lag and oldest entry not
+    acknowledged, as Redis last reported them (every instance reads them,
+    whichever consumes).
+    """
+
+    def __init__(self, stream: bytes, command: Command, clock: IReactorTime) -> None:
+        self.stream = stream
+        self._command = command
+        self._clock = clock
+        self.pending = 0
+        self.lag = 0
+        self.oldest_age_seconds = 0.0
+
+    def poll(self) -> Deferred[None]:
+        """Read the group's state (the last figures stay while Redis cannot say)."""
         return Deferred.fromCoroutine(self._poll())
 
     async def _poll(self) -> None:
@@ -400,33 +445,6 @@ class Intake(Service):
         now_ms = self._clock.seconds() * 1000
         self.oldest_age_seconds = max(0.0, (now_ms - id_ms(oldest)) / 1000) if oldest else 0.0
 
-    def status(self) -> dict[str, Any]:
-        """The intake's figures, for /dashboard/data."""
-        return {
-            "stream": self.stream.decode(),
-            "active": self.active,
-            "pending": self.pending,
-            "lag": self.lag,
-            "oldestPendingAgeSeconds": round(self.oldest_age_seconds, 3),
-            "consumed": self.consumed,
-            "dead": self.dead,
-        }
-
-    # ------------------------------------------------------------ waiting
-
-    def _sleep(self, seconds: float) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._wake = (self._clock.callLater(seconds, self._wake_up), d)
-        return d
-
-    def _wake_up(self) -> None:
-        wake, self._wake = self._wake, None
-        if wake is not None:
-            call, d = wake
-            if call.active():
-                call.cancel()
-            d.callback(None)
-
 
 class IntakeCollector:
     """The intake's figures in /metrics."""
@@ -441,13 +459,13 @@ class IntakeCollector:
         i = self._intake
         yield GaugeMetricFamily("happyrobot_intake_pending",
                                 "Intake entries read by a consumer and not acknowledged",
-                                value=i.pending)
+                                value=i.group.pending)
         yield GaugeMetricFamily("happyrobot_intake_lag",
                                 "Intake entries not yet read by the consumer group",
-                                value=i.lag)
+                                value=i.group.lag)
         yield GaugeMetricFamily("happyrobot_intake_oldest_pending_age_seconds",
                                 "Age of the oldest intake entry not acknowledged (0: none)",
-                                value=i.oldest_age_seconds)
+                                value=i.group.oldest_age_seconds)
         yield GaugeMetricFamily("happyrobot_intake_active",
                                 "1 while this instance holds the intake's lease and consumes",
                                 value=1 if i.active else 0)
