@@ -173,6 +173,9 @@ class IntakeProcessTests(TestCase):
         survivor = 1 - victim
         survivor_proc, survivor_transport, survivor_port = servers[survivor]
 
+        # A replacement joins, so that two instances consume again.
+        replacement = await listening_twistd(self, args)
+
         # The killed instance's members resume on the survivor from their last seq.
         moved = [(m, await join(survivor_port, p, f"again-{p}", m.last_seq))
                  for i, p, m in members if i == victim]
@@ -183,14 +186,29 @@ class IntakeProcessTests(TestCase):
         await wait_until(lambda: all(len(m.events) >= 90 for i, _, m in members if i == survivor),
                          30, "90 events in every room")
 
-        # 3. Entries appended just before Redis restarts are not lost: the
-        # survivor is frozen so that it cannot consume them first.
-        survivor_transport.signalProcess(signal.SIGSTOP)
+        # 3. Entries appended just before Redis restarts are not lost: both
+        # instances are frozen so that neither consumes them first.
+        for _ in range(200):  # every entry so far acknowledged
+            if (await conn.execute_command("XPENDING", STREAM, "happyrobot"))[0] == 0:
+                break
+            await deferLater(reactor, 0.05)
+        else:
+            self.fail("entries 0-899 were not all acknowledged within 10 s")
+        live = [survivor_transport, replacement[1]]
+        for t in live:
+            t.signalProcess(signal.SIGSTOP)
         await append(900, ENTRIES)
         await conn.execute_command("SHUTDOWN", "SAVE").addErrback(lambda _: None)
         await redis.process.ended  # type: ignore[union-attr]
         await redis.start()
-        survivor_transport.signalProcess(signal.SIGCONT)
+        # None of them was acknowledged: read and pending, or not read yet.
+        group = await conn.execute_command("XINFO", "GROUPS", STREAM)
+        delivered = dict(zip(group[0][::2], group[0][1::2]))["last-delivered-id"]
+        unread = await conn.execute_command("XRANGE", STREAM, "(" + delivered, "+")
+        pending = await conn.execute_command("XPENDING", STREAM, "happyrobot")
+        self.assertEqual(len(unread) + pending[0], ENTRIES - 900)
+        for t in live:
+            t.signalProcess(signal.SIGCONT)
 
         survivors = [m for i, _, m in members if i == survivor]
         await wait_until(lambda: all(len(m.events) >= PER_PROJECT for m in survivors),
@@ -210,7 +228,8 @@ class IntakeProcessTests(TestCase):
         self.assertEqual((fields["reason"], fields["event"]), ("Invalid JSON", "{not json"))
         pending = await conn.execute_command("XPENDING", STREAM, "happyrobot")
         self.assertEqual(pending[0], 0)
-        self.assertNotIn(b"Traceback", survivor_proc.output)
+        for proc in (survivor_proc, replacement[0]):
+            self.assertNotIn(b"Traceback", proc.output)
 
     def assert_in_order(self, events: list[dict[str, Any]], numbers: range) -> None:
         """The events are C{numbers} in order, each once, with consecutive seqs."""
