@@ -2,8 +2,8 @@
 The intake end to end: a real redis-server (appending to its AOF) and two
 ``twistd happyrobot-ws`` processes consuming one stream, with WebSocket
 members of ten rooms on both, through the SIGKILL of the consumer while it
-holds entries it has not acknowledged, a malformed entry, and a Redis
-restart.
+holds entries it has not acknowledged (its members resume on the other;
+a replacement instance joins), a malformed entry, and a Redis restart.
 """
 
 from __future__ import annotations
