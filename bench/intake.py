@@ -5,7 +5,7 @@ One run starts a redis-server and one server with REDIS_URL and INTAKE_STREAM
 (pinned to core 0 with taskset; Redis and this script on core 1), connects
 --subs WebSocket subscribers to each of --rooms rooms, and then, round by round:
 
-  * rate: for each --rate, that many events/s spread over the rooms, first through the stream
+  * rate (after one phase of each path that is not counted): for each --rate, that many events/s spread over the rooms, first through the stream
     (XADD <stream> * event <json>, pipelined on one connection), then through
     POST /broadcast (HTTP/1.1 keep-alive, pipelined over --http-connections),
     in alternating order; the same JSON body either way.  Reported: events/s
@@ -93,8 +93,10 @@ class Stats:
     def __init__(self):
         self.frames = 0  # BENCH frames at every subscriber
         self.probed = 0  # BENCH frames at the probe subscribers (one per room): events
+        self.by_phase = {}  # the same, by phase (the operationId's prefix)
         self.latency = []  # seconds, probes only, while recording
         self.recording = False
+        self.current = b""  # the phase whose latencies are recorded
         self.joined = 0
 
 
@@ -151,7 +153,10 @@ class Subscriber(Protocol):
                 stats.frames += 1
                 if self.probe:
                     stats.probed += 1
-                    if stats.recording:
+                    at = payload.find(b'"operationId":"') + 15
+                    phase = payload[at:payload.find(b"-", at)]
+                    stats.by_phase[phase] = stats.by_phase.get(phase, 0) + 1
+                    if stats.recording and phase == stats.current:
                         t = json.loads(payload)["payload"]["t"]
                         stats.latency.append(time.perf_counter() - t)
             elif not self.joined and b'"USER_PRESENCE"' in payload:
@@ -204,7 +209,8 @@ class Bench:
         self.rooms = [f"bench-{i}" for i in range(opts.rooms)]
         self.stats = Stats()
         self.k = 0
-        self.lost = 0
+        self.phase = 0
+        self.xadds = 0  # XADDs written (each answered with two CRLFs)
 
     async def setup(self):
         for r in self.rooms:
@@ -224,6 +230,9 @@ class Bench:
     async def rate(self, kind, rate):
         """Open loop at C{rate} for warm-up + duration; figures of the measured window."""
         o, st = self.opts, self.stats
+        self.phase += 1
+        tag = f"{kind}{self.phase}"
+        first_k = self.k
         rooms, n_rooms = self.rooms, len(self.rooms)
         http = []
         if kind == "broadcast":  # fresh: the server closes idle HTTP connections
@@ -238,8 +247,9 @@ class Bench:
             for _ in range(due):
                 k = self.k
                 self.k += 1
-                data = body(rooms[k % n_rooms], k, kind)
+                data = body(rooms[k % n_rooms], k, tag)
                 if kind == "intake":
+                    self.xadds += 1
                     self.redis.transport.write(xadd(data))
                 else:
                     http[k % n_http].transport.write(post(data))
@@ -248,19 +258,20 @@ class Bench:
         loop = LoopingCall(tick)
         loop.start(0.001)
         await deferLater(reactor, o.warmup, lambda: None)
-        st.recording, st.latency = True, []
-        probed0, frames0, sent0 = st.probed, st.frames, sent[0]
+        key = tag.encode()
+        st.recording, st.latency, st.current = True, [], key
+        probed0, frames0, sent0 = st.by_phase.get(key, 0), st.frames, sent[0]
         cpu0, t0 = cpu_seconds(self.server_pid), time.perf_counter()
         await deferLater(reactor, o.duration, lambda: None)
         cpu1, t1 = cpu_seconds(self.server_pid), time.perf_counter()
-        probed1, frames1, sent1 = st.probed, st.frames, sent[0]
+        probed1, frames1, sent1 = st.by_phase.get(key, 0), st.frames, sent[0]
         st.recording = False
         loop.stop()
         for _ in range(200):  # up to 10 s for the stragglers
-            if st.probed >= self.k:
+            if st.by_phase.get(tag.encode(), 0) >= self.k - first_k:
                 break
             await deferLater(reactor, 0.05, lambda: None)
-        lost, self.lost = self.k - st.probed - self.lost, self.k - st.probed
+        late = self.k - first_k - st.by_phase.get(tag.encode(), 0)
         for h in http:
             self.http_errors += h.errors
             h.transport.loseConnection()
@@ -270,7 +281,7 @@ class Bench:
             "kind": kind, "rate": rate, "offered_per_s": round((sent1 - sent0) / wall),
             "events_per_s": round(events / wall), "frames_per_s": round((frames1 - frames0) / wall),
             "p50_ms": ms(percentile(st.latency, 0.5)), "p99_ms": ms(percentile(st.latency, 0.99)),
-            "lost": lost,
+            "not_delivered_10s_after": late,
             "server_cpu_us_per_event": round((cpu1 - cpu0) / max(1, events) * 1e6, 1),
             "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
         }
@@ -278,29 +289,32 @@ class Bench:
     async def drain(self):
         """Freeze the server, append --drain entries, let it go: its entries/s."""
         o, st = self.opts, self.stats
+        self.phase += 1
+        tag = f"drain{self.phase}"
         os.kill(self.server_pid, signal.SIGSTOP)
         try:
             first = self.k
             for chunk in range(0, o.drain, 1000):
                 parts = []
                 for k in range(first + chunk, first + min(o.drain, chunk + 1000)):
-                    parts.append(xadd(body(self.rooms[k % len(self.rooms)], k, "drain")))
+                    parts.append(xadd(body(self.rooms[k % len(self.rooms)], k, tag)))
                 self.redis.transport.write(b"".join(parts))
                 await deferLater(reactor, 0, lambda: None)
             self.k = first + o.drain
+            self.xadds += o.drain
             for _ in range(600):  # every XADD answered (the entries are in the stream)
-                if self.redis.replies >= 2 * self.k:
+                if self.redis.replies >= 2 * self.xadds:
                     break
                 await deferLater(reactor, 0.02, lambda: None)
         finally:
             os.kill(self.server_pid, signal.SIGCONT)
-        start, cpu0, probed0 = time.perf_counter(), cpu_seconds(self.server_pid), st.probed
+        start, cpu0 = time.perf_counter(), cpu_seconds(self.server_pid)
         for _ in range(12000):  # up to 120 s
-            if st.probed >= self.k:
+            if st.by_phase.get(tag.encode(), 0) >= o.drain:
                 break
             await deferLater(reactor, 0.01, lambda: None)
         wall = time.perf_counter() - start
-        done = st.probed - probed0
+        done = st.by_phase.get(tag.encode(), 0)
         return {"kind": "drain", "entries": o.drain, "delivered": done,
                 "entries_per_s": round(done / wall), "seconds": round(wall, 3),
                 "server_cpu_us_per_event": round((cpu_seconds(self.server_pid) - cpu0)
@@ -314,11 +328,14 @@ def ms(seconds):
 async def run(opts, server_pid, port, redis_port):
     bench = Bench(opts, server_pid, port, redis_port)
     await bench.setup()
+    for kind in [k for k in ("intake", "broadcast") if k in opts.paths]:
+        log(f"warming up {kind} (not counted)")
+        await bench.rate(kind, opts.rate[0])
     results = []
     for r in range(opts.rounds):
         order = ["intake", "broadcast"] if r % 2 == 0 else ["broadcast", "intake"]
         for rate in opts.rate:
-            for kind in order:
+            for kind in [k for k in order if k in opts.paths]:
                 res = await bench.rate(kind, rate)
                 res["round"] = r
                 log(json.dumps(res))
@@ -334,7 +351,7 @@ async def run(opts, server_pid, port, redis_port):
 
 def table(results, opts):
     lines = [f"{opts.rooms} rooms x {opts.subs} subscribers, median of {opts.rounds} rounds:", "",
-             "| offered events/s | path | events/s into rooms | deliveries/s | p50 ms | p99 ms | lost "
+             "| offered events/s | path | events/s into rooms | deliveries/s | p50 ms | p99 ms | late "
              "| server µs/event | server CPU % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rate, kind, label in [(rate, kind, label) for rate in opts.rate for kind, label in
@@ -349,7 +366,7 @@ def table(results, opts):
             return round(statistics.median(vals), 3) if vals else None
 
         lines.append(f"| {rate} | {label} | {med('events_per_s')} | {med('frames_per_s')} | {med('p50_ms')} | "
-                     f"{med('p99_ms')} | {sum(r['lost'] for r in rs)} | "
+                     f"{med('p99_ms')} | {sum(r['not_delivered_10s_after'] for r in rs)} | "
                      f"{med('server_cpu_us_per_event')} | {med('server_cpu_pct')} |")
     drains = [r for r in results if r["kind"] == "drain"]
     if drains:
@@ -368,6 +385,8 @@ def main():
     p.add_argument("--subs", type=int, default=5, help="subscribers per room")
     p.add_argument("--rate", type=int, nargs="+", default=[1000, 2000],
                    help="events/s offered in the rate phases (one phase per value and path)")
+    p.add_argument("--paths", nargs="+", choices=["intake", "broadcast"],
+                   default=["intake", "broadcast"], help="the paths of the rate phases")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
