@@ -270,7 +270,13 @@ class Intake(Service):
     # ------------------------------------------------------------ consuming
 
     async def _run(self) -> None:
+        #: The next batch, read while the one before it is confirmed.
+        ahead: Deferred[Any] | None = None
         while self.running:
+            if ahead is not None and (self._recover or not self.active):
+                # What it reads is ours and pending: the take-over reads it again.
+                ahead.addErrback(lambda _: None)
+                ahead, self._recover = None, True
             if not (self.active and self._reader.up):
                 await self._sleep(RETRY_SECONDS)
                 continue
@@ -280,12 +286,19 @@ class Intake(Service):
                 if self._recover:
                     await self._take_over()
                     continue
-                entries = stream_entries(await self._reader.command(
-                    "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", self.batch_size,
-                    "BLOCK", self.block_ms, "STREAMS", self.stream, ">"))
+                read, ahead = ahead or self._read_new(), None
+                entries = stream_entries(await read)
                 if entries and self.running:
-                    await self._publish(entries)
+                    confirmed, ids, dead = self._send(entries)
+                    # The next batch is read meanwhile, and published only
+                    # once this one is confirmed: a failed batch is
+                    # published again before anything newer.
+                    ahead = self._read_new()
+                    await self._acknowledge(confirmed, ids, dead)
             except Exception as e:
+                if ahead is not None:  # what it reads is ours and pending: read again below
+                    ahead.addErrback(lambda _: None)
+                    ahead = None
                 if not self.running:
                     return
                 self._recover = True  # read what we hold again before anything new
@@ -296,6 +309,14 @@ class Intake(Service):
                     log.warn("intake: {why} ({n} failures since the last such line); "
                              "trying again", why=str(e) or e.__class__.__name__, n=n)
                 await self._sleep(RETRY_SECONDS)
+        if ahead is not None:
+            ahead.addErrback(lambda _: None)
+
+    def _read_new(self) -> Deferred[Any]:
+        """XREADGROUP of entries no consumer has read, waiting for them up to block_ms."""
+        return self._reader.command(
+            "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", self.batch_size,
+            "BLOCK", self.block_ms, "STREAMS", self.stream, ">")
 
     async def _create_group(self) -> None:
         try:
@@ -334,6 +355,16 @@ class Intake(Service):
         appends as one script call), move the bad entries to the
         dead-letter stream, and acknowledge them all once that is confirmed.
         """
+        await self._acknowledge(*self._send(entries))
+
+    def _send(
+        self, entries: list[tuple[bytes, list[bytes] | None]]
+    ) -> tuple[Deferred[Any], list[bytes], int]:
+        """
+        Append the valid entries and dead-letter the others, now; the
+        Deferred fires once all of it is confirmed.  Also returns the ids
+        to acknowledge then, and how many were dead.
+        """
         now_ms = int(self._clock.seconds() * 1000)
         waits: list[Deferred[Any]] = []
         ids: list[bytes] = []
@@ -353,11 +384,15 @@ class Intake(Service):
                     "XADD", self.dead_stream, "MAXLEN", "~", DEAD_KEPT, "*", "reason", parsed.reason,
                     "entry", entry_id, *parsed.fields))
         self._flush()
+        return gatherResults(waits, consumeErrors=True), ids, dead
+
+    async def _acknowledge(self, confirmed: Deferred[Any], ids: list[bytes], dead: int) -> None:
+        """Once C{confirmed}, XACK C{ids} (on the command connection: the reader may be blocked)."""
         try:
-            await gatherResults(waits, consumeErrors=True)
+            await confirmed
         except FirstError as e:
             e.subFailure.raiseException()
-        await self._reader.command("XACK", self.stream, GROUP, *ids)
+        await self._command("XACK", self.stream, GROUP, *ids)
         self.consumed += len(ids) - dead
         if dead:
             self.dead += dead
