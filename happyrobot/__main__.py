@@ -5,10 +5,11 @@ console script).
 ``tail <projectId>`` connects like a browser would (SET_USER, then
 JOIN_PROJECT) and prints the room's messages as JSON lines as they arrive;
 ``publish <projectId> <type> <json>`` sends one event through
-``POST /broadcast`` and prints the server's reply; ``presence``, ``revoke``
-and ``disconnect`` call the operator API (L{happyrobot.cli_operator}).
-Exit codes: 0 done, 1 failure (with a one-line message on stderr), 2
-usage error.
+``POST /broadcast`` and prints the server's reply (with ``--stream``, appends
+it to the intake stream in Redis instead); ``presence``, ``revoke`` and
+``disconnect`` call the operator API (L{happyrobot.cli_operator}).  Exit
+codes: 0 done, 1 failure (with a one-line message on stderr), 2 usage
+error.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                          help="the acting user, so that their own tabs skip the event")
     publish.add_argument("--operation-id", default=None,
                          help="the event's operationId (default: made by the server)")
+    publish.add_argument("--stream", default=None,
+                         help="append the event to this Redis stream (the server's "
+                         "INTAKE_STREAM) with XADD instead of POST /broadcast")
+    publish.add_argument("--redis-url", default=environ.get("REDIS_URL") or None,
+                         help="with --stream: the Redis (default: the REDIS_URL "
+                         "environment variable)")
     cli_operator.add_commands(commands, environ)
     return parser
 
@@ -319,6 +326,9 @@ async def publish(reactor: IClientReactor, args: argparse.Namespace, out: TextIO
         body["userId"] = args.user_id
     if args.operation_id:
         body["operationId"] = args.operation_id
+    if args.stream:
+        await _append_to_stream(reactor, args, body, out)
+        return
     headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
     if args.api_token:
         headers["Authorization"] = f"Bearer {args.api_token}"
@@ -339,6 +349,22 @@ async def publish(reactor: IClientReactor, args: argparse.Namespace, out: TextIO
             why = text[:200]
         raise CommandError(f"{url} answered {response.code}: {why}")
     out.write(text + "\n")
+    out.flush()
+
+
+async def _append_to_stream(
+    reactor: IClientReactor, args: argparse.Namespace, body: dict[str, Any], out: TextIO
+) -> None:
+    """``publish --stream``: XADD the body to the intake stream and print the entry's id."""
+    from happyrobot.redis import intake  # txredisapi only when it is used
+
+    if not args.redis_url:
+        raise CommandError("--stream needs --redis-url (or REDIS_URL)")
+    try:
+        entry_id = await intake.append_event(reactor, args.redis_url, args.stream, body)
+    except intake.PublishError as e:
+        raise CommandError(str(e)) from None
+    out.write(json.dumps({"success": True, "stream": args.stream, "id": entry_id}) + "\n")
     out.flush()
 
 

@@ -137,6 +137,10 @@ SETTINGS = (
     Setting("CONFORMANCE_ECHO", "conformance-echo", "false",
             "true adds /echo, a WebSocket echoing every message, for the "
             "Autobahn|Testsuite (scripts/conformance); never in production"),
+    Setting("INTAKE_STREAM", "intake-stream", "",
+            "Redis stream through which the back end publishes: one entry per event, "
+            "its field event holding the POST /broadcast body, published into the rooms "
+            "once each and in order; needs Redis (empty: off; docs/operations.md)"),
 )
 
 
@@ -186,6 +190,7 @@ class Config:
     history_max_bytes: int = 1048576
     history_total_bytes: int = 67108864
     drain_window_seconds: float = 5.0
+    intake_stream: str = ""
 
     @property
     def production(self) -> bool:
@@ -463,6 +468,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
                              lambda v: _number("DRAIN_WINDOW_SECONDS", v, 0)),
     "CONFORMANCE_ECHO": ("conformance_echo", lambda v: _bool("CONFORMANCE_ECHO", v)),
     "PERMESSAGE_DEFLATE": ("permessage_deflate", lambda v: _bool("PERMESSAGE_DEFLATE", v)),
+    "INTAKE_STREAM": ("intake_stream", str.strip),
 }
 
 

@@ -26,7 +26,7 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Iterable, Protocol, Sized
+from typing import Any, Callable, Iterable, Protocol, Sized
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -264,6 +264,8 @@ class Metrics:
             registry=self.registry,
         )
         self._samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
+        #: The intake's figures (INTAKE_STREAM), for the dashboard, if it runs.
+        self.intake_status: Callable[[], dict[str, Any]] | None = None
 
     def watch(self, rooms: Sized, bus: _Healthy) -> None:
         """Report the number of C{rooms} and the state of C{bus} from now on."""
@@ -370,7 +372,9 @@ class Metrics:
                     "errors": round((last.errors - first.errors) / dt, 2),
                 }
             latency = _percentiles(first.latency, last.latency)
+        extra = {"intake": self.intake_status()} if self.intake_status else {}
         return {
+            **extra,
             "totals": {
                 "messagesIn": sum(self.messages_in.values()),
                 "framesOut": self.frames_out,

@@ -30,6 +30,7 @@ from happyrobot.config import SETTINGS, Config, ConfigError, load_config, read_d
 from happyrobot.history import Histories
 from happyrobot.metrics import Metrics
 from happyrobot.operator import Actions
+from happyrobot.redis import intake as redis_intake
 from happyrobot.redis.bus import RedisBus
 from happyrobot.redis.sentinel import RedisTarget
 from happyrobot.rooms import RoomRegistry
@@ -222,7 +223,7 @@ class DrainService(MultiService):
 def build_factory(config: Config, reactor: IServerReactor) -> CollabFactory:
     """
     The server's objects, each made with what it needs, in that order, and
-    the WebSocket factory that holds them.  With C{config.redis_url} the bus
+    the WebSocket factory that holds them.  With Redis (C{config.redis}) the bus
     is a L{RedisBus}, otherwise the in-memory L{LocalBus}: either is a
     service the caller starts and stops (L{makeService} makes it a child).
     """
@@ -338,6 +339,10 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
             raise ConfigError(
                 "WORKERS above 1 needs REDIS_URL: the workers share rooms through Redis"
             )
+        if config.intake_stream and not config.redis:
+            raise ConfigError(
+                "INTAKE_STREAM needs Redis (REDIS_URL or REDIS_SENTINELS): the stream is in Redis"
+            )
         if multi:
             try:
                 _, port = workers.tcp_address(config.port)
@@ -360,6 +365,9 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
     )
     drain.setServiceParent(service)
     factory.bus.setServiceParent(drain)
+    if config.intake_stream:  # after the bus: stops first, while the bus still publishes
+        bus = cast(RedisBus, factory.bus)
+        redis_intake.for_bus(config, bus, factory.metrics, reactor).setServiceParent(drain)
     if multi:
         workers.ReusePortService(reactor, config.port, make_site(factory)).setServiceParent(
             service

@@ -29,7 +29,8 @@ from zope.interface import implementer
 
 from happyrobot import logs
 from happyrobot.config import Config, RedisAddress, redis_address
-from happyrobot.redis.client import RedisLink, Subscription, ask
+from happyrobot.redis.client import RedisLink
+from happyrobot.redis.connections import Subscription, ask
 
 log = logs.get_logger(__name__)
 
