@@ -12,6 +12,7 @@ import datetime
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from typing import Any
@@ -79,6 +80,13 @@ class SentinelDeployment:
         test.addCleanup(shutil.rmtree, self.dir, True)
         self.redis: list[RedisServer] = []
         self.sentinels: list[Sentinel] = []
+        #: The ports of killed servers, held until the sentinels have
+        #: stopped (the cleanup below runs after theirs): a sentinel takes a
+        #: Redis that appears on a port it knew for its old master and makes
+        #: it a replica, which would be another test's server (tests of other
+        #: processes, e.g. trial -j, bind free ports too).
+        self._held: list[socket.socket] = []
+        test.addCleanup(lambda: [s.close() for s in self._held])
 
     @property
     def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -162,6 +170,14 @@ class SentinelDeployment:
         master = await self.master()
         master._transport.signalProcess(signal.SIGKILL)
         await master.process.ended  # type: ignore[union-attr]
+        held = socket.socket()
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its TIME_WAITs
+        try:
+            held.bind(("127.0.0.1", master.port))  # bound, not listening: refused
+        except OSError:
+            held.close()  # taken already: nothing to hold
+        else:
+            self._held.append(held)
         return master
 
     async def failed_over(self, old: RedisServer) -> RedisServer:
