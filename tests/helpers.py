@@ -295,7 +295,11 @@ class RedisServer:
         """Spawn the server and return once it answers PING with PONG."""
         self.process = proto = LineCollector()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", *self.args]
+                "--save", "", "--appendonly", "no",
+                # A replica loads its master's data from the socket, writing no
+                # file, and no server loads a file another one left.
+                "--repl-diskless-load", "swapdb", "--dbfilename", "happyrobot-test-unsaved.rdb",
+                *self.args]
         self._transport = reactor.spawnProcess(
             proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path="/"
         )
