@@ -31,12 +31,14 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from happyrobot import logs, messages
 from happyrobot.config import Config, ConfigError, redis_address
 from happyrobot.history import OpKey
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus, backoff
+from happyrobot.redis.client import is_readonly
 from happyrobot.redis.connections import SingleConnection, ask
 from happyrobot.redis.intake_entries import (  # noqa: F401 (the intake's names)
     DEAD_LOG_SECONDS,
@@ -262,6 +264,10 @@ class Intake(Service):
                 self._recover = True  # read what we hold again before anything new
                 if "NOGROUP" in str(e):
                     self._group_ready = False  # the stream was deleted, or Redis restarted empty
+                if is_readonly(Failure(e)):
+                    # A former master, demoted (the sentinels promoted another, or it
+                    # came back after a failover): read from the master named now.
+                    self._reader.reconnect()
                 n = self._fail_log.due()
                 if n:
                     log.warn("intake: {why} ({n} failures since the last such line); "
@@ -456,11 +462,13 @@ def for_bus(config: Config, bus: RedisBus, metrics: Metrics, reactor: IReactorTi
     figures in C{metrics} (/metrics and /dashboard/data).
     """
     # The reader goes where the bus's connections go (with Redis Sentinel,
-    # to the master the sentinels name at each connection attempt).
+    # to the master the sentinels name at each connection attempt), and
+    # connects again when they do, or when the Redis it reached is a replica.
     reader = SingleConnection(
         bus.link.address, bus.link.endpoint, reactor, bus.reply_timeout,
         lambda attempt: backoff(*bus.reconnect_delays, attempt), lambda up: None,
     )
+    bus.link.also_reconnect(reader)  # on +switch-master, with the bus's connections
     intake = Intake(
         config.intake_stream, bus.instance_id, reader, bus.link.command, bus.append, bus.flush,
         reactor, config.instance_ttl_seconds, config.max_broadcast_bytes,
