@@ -22,6 +22,7 @@ from happyrobot import StartupError
 from happyrobot import __main__ as cli
 from happyrobot.bus import Unavailable
 from happyrobot.messages import MAX_OPERATION_ID_CHARS
+from happyrobot.redis import intake as intake_module
 from happyrobot.redis.intake import (
     OP_USER,
     Batch,
@@ -453,6 +454,18 @@ class PublishTests(RedisTestCase):
         self.assertEqual([e["n"] for e in lines], [1])
         for member, op in zip(members, ("a", third)):
             self.assertEqual([e["operationId"] for e in await events_of(member, 1)], [op])
+
+    async def test_dead_letters_trimmed(self) -> None:
+        """The dead-letter stream keeps about the last DEAD_KEPT entries (MAXLEN ~)."""
+        redis = await self.start_redis()
+        node, self.intake = await self.batch_read(redis)
+        self.patch(intake_module, "DEAD_KEPT", 4)
+        await redis.command("CONFIG", "SET", "stream-node-max-entries", "2")
+        await self.intake._publish([(b"%d-0" % i, [b"event", b"{"]) for i in range(1, 21)])
+        dead = await redis.command("XRANGE", "in:dead", "-", "+")
+        self.assertTrue(4 <= len(dead) <= 6, len(dead))
+        self.assertEqual(dead[-1][1][:4], ["reason", "Invalid JSON", "entry", "20-0"])
+        self.assertEqual(self.intake.dead, 20)
 
     async def test_failed_append_acks_nothing(self) -> None:
         """
