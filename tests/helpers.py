@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, race
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -248,7 +249,15 @@ async def listening_twistd(
     proc, transport = spawn_twistd(
         ["--port", "tcp:0:interface=127.0.0.1", "--env-file=", *args], env, twistd_args
     )
-    test.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+
+    async def kill() -> None:  # and wait until it is gone, its connections with it
+        if transport.pid:
+            transport.signalProcess("KILL")
+        if not proc.ended.called:
+            await proc.ended.addTimeout(10, reactor)
+        await deferLater(reactor, 0.05)
+
+    test.addCleanup(kill)
     output = await proc.wait_for(b"starting on ")
     match = re.search(rb"starting on (\d+)", output)
     assert match is not None
@@ -295,7 +304,11 @@ class RedisServer:
         """Spawn the server and return once it answers PING with PONG."""
         self.process = proto = LineCollector()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", *self.args]
+                "--save", "", "--appendonly", "no",
+                # A replica loads its master's data from the socket, writing no
+                # file, and no server loads a file another one left.
+                "--repl-diskless-load", "swapdb", "--dbfilename", "happyrobot-test-unsaved.rdb",
+                *self.args]
         self._transport = reactor.spawnProcess(
             proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path="/"
         )

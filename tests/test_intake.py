@@ -1,6 +1,7 @@
 """
-The intake (INTAKE_STREAM): entry validation and dead-letter reasons
-(pure), the start-up check, and one instance consuming a real Redis
+The intake (INTAKE_STREAM): entry validation, dead-letter reasons, the
+sorting of a batch and the counts (pure), the start-up check, one batch
+published against a real Redis, and one instance consuming a real Redis
 stream in this process.
 """
 
@@ -11,7 +12,7 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
@@ -19,16 +20,21 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from happyrobot import StartupError
 from happyrobot import __main__ as cli
+from happyrobot.bus import Unavailable
 from happyrobot.messages import MAX_OPERATION_ID_CHARS
+from happyrobot.redis import intake as intake_module
 from happyrobot.redis.intake import (
     OP_USER,
+    Batch,
     Dead,
     Entry,
     GroupState,
     Intake,
+    Tally,
     for_bus,
     id_ms,
     parse_entry,
+    sort_batch,
     stream_entries,
 )
 from happyrobot.tap import Options, makeService
@@ -302,87 +308,180 @@ class LeaseTests(RedisTestCase):
         self.assertTrue(intake.active)
 
 
-class FakeRedis:
-    """Answers the intake's commands at once, and keeps them."""
+class SortBatchTests(SynchronousTestCase):
+    """One batch sorted into appends, dead letters and the ids to acknowledge (pure)."""
 
-    up = True
+    def test_batch(self) -> None:
+        """Valid entries become appends in order, bad ones dead letters; every id is acked."""
+        batch = sort_batch([
+            (b"1-0", [b"event", body(type="T", projectId="p1", operationId="a")]),
+            (b"2-0", [b"event", b"nope"]),
+            (b"3-0", None),  # deleted from the stream after it was read
+            (b"4-0", [b"event", body(type="T", projectId="p2", payload={"n": 4})]),
+        ], 1000, 1234)
+        self.assertEqual([(a[0], a[2]) for a in batch.appends],
+                         [("p1", ("", "a")), ("p2", ("", "intake-4-0"))])
+        self.assertEqual([json.loads(a[1]) for a in batch.appends], [
+            {"type": "T", "operationId": "a", "timestamp": 1234, "userId": None,
+             "projectId": "p1"},
+            {"type": "T", "payload": {"n": 4}, "operationId": "intake-4-0", "timestamp": 1234,
+             "userId": None, "projectId": "p2"},
+        ])
+        self.assertEqual(batch.dead, [Dead(b"2-0", "Invalid JSON", [b"event", b"nope"])])
+        self.assertEqual(batch.ids, [b"1-0", b"2-0", b"3-0", b"4-0"])
 
-    def __init__(self) -> None:
-        self.commands: list[tuple[Any, ...]] = []
-
-    def command(self, *args: Any) -> Deferred[Any]:
-        self.commands.append(args)
-        return succeed(1)
+    def test_empty(self) -> None:
+        """A read that timed out is an empty batch."""
+        self.assertEqual(sort_batch([], 1000, 0), Batch())
 
 
-class PublishTests(SynchronousTestCase):
-    """One batch: appends, dead letters, one XACK, and the throttled log line."""
+class TallyTests(SynchronousTestCase):
+    """The counts of what was acknowledged, and the throttled line about dead letters."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.redis = FakeRedis()
-        self.appended: list[tuple[str, bytes, Any, Any]] = []
-        self.flushes = 0
+        self.tally = Tally("in:dead", self.clock)
 
-        def append(project_id: str, event: bytes, exclude: Any, op_key: Any) -> Deferred[int]:
-            self.appended.append((project_id, event, exclude, op_key))
-            return succeed(len(self.appended))
+    def acknowledged(self, entries: list[tuple[bytes, list[bytes] | None]]) -> None:
+        self.tally.acknowledged(sort_batch(entries, 1000, 0))
 
-        def flush() -> None:
-            self.flushes += 1
-
-        self.intake = Intake("in", "me", self.redis, self.redis.command,  # type: ignore[arg-type]
-                             append, flush, self.clock, 10.0, 1000)
-
-    def publish(self, entries: list[tuple[bytes, list[bytes] | None]]) -> None:
-        d = Deferred.fromCoroutine(self.intake._publish(entries))
-        self.successResultOf(d)
-
-    def test_batch(self) -> None:
-        """Valid entries are appended in one turn, bad ones dead-lettered, all acked at once."""
+    def test_counts(self) -> None:
+        """Consumed counts every acknowledged entry but the dead ones; one line for the first."""
         with capturedLogs() as events:
-            self.publish([
-                (b"1-0", [b"event", body(type="T", projectId="p1", operationId="a")]),
+            self.acknowledged([
+                (b"1-0", [b"event", body(type="T", projectId="p1")]),
                 (b"2-0", [b"event", b"nope"]),
-                (b"3-0", None),  # deleted from the stream after it was read
-                (b"4-0", [b"event", body(type="T", projectId="p2")]),
+                (b"3-0", None),
             ])
-        self.assertEqual([(a[0], a[2], a[3]) for a in self.appended],
-                         [("p1", None, ("", "a")), ("p2", None, ("", "intake-4-0"))])
-        self.assertEqual(json.loads(self.appended[0][1])["operationId"], "a")
-        self.assertEqual(self.flushes, 1)
-        self.assertEqual(self.redis.commands, [
-            ("XADD", b"in:dead", "MAXLEN", "~", 10000, "*", "reason", "Invalid JSON",
-             "entry", b"2-0", b"event", b"nope"),
-            ("XACK", b"in", b"happyrobot", b"1-0", b"2-0", b"3-0", b"4-0"),
-        ])
-        self.assertEqual((self.intake.consumed, self.intake.dead), (3, 1))
+        self.assertEqual((self.tally.consumed, self.tally.dead), (2, 1))
         lines = [e for e in events if "bad entries" in e.get("log_format", "")]
-        self.assertEqual([e["n"] for e in lines], [1])
+        self.assertEqual([(e["n"], e["dead"]) for e in lines], [(1, "in:dead")])
 
     def test_dead_letter_log_throttled(self) -> None:
         """At most one line per 10 s about bad entries, with how many there were."""
         with capturedLogs() as events:
             for i in range(5):
-                self.publish([(b"%d-0" % i, [b"event", b"{"])])
+                self.acknowledged([(b"%d-0" % i, [b"event", b"{"])])
                 self.clock.advance(3)
-            self.publish([(b"9-0", [b"event", b"{"]), (b"10-0", [b"x", b"y"])])
+            self.acknowledged([(b"9-0", [b"event", b"{"]), (b"10-0", [b"x", b"y"])])
         lines = [e["n"] for e in events if "bad entries" in e.get("log_format", "")]
         # t=0: the first; t=12: the four since; the last two (t=15) wait for t>=22.
         self.assertEqual(lines, [1, 4])
-        self.assertEqual(self.intake.dead, 7)
+        self.assertEqual((self.tally.dead, self.tally.consumed), (7, 0))
+        self.clock.advance(7)
+        with capturedLogs() as events:
+            self.acknowledged([(b"11-0", [b"event", b"{"])])
+        self.assertEqual([e["n"] for e in events if "bad entries" in e.get("log_format", "")],
+                         [3])
 
-    def test_failed_append_acks_nothing(self) -> None:
-        """When an append fails, nothing of the batch is acknowledged."""
-        def failing(*args: Any) -> Deferred[int]:
-            return fail(RuntimeError("Redis unreachable"))
 
-        self.intake._append = failing
-        d = Deferred.fromCoroutine(self.intake._publish(
-            [(b"1-0", [b"event", body(type="T", projectId="p1")])]))
-        self.failureResultOf(d, RuntimeError)
-        self.assertEqual([c for c in self.redis.commands if c[0] == "XACK"], [])
-        self.assertEqual(self.intake.consumed, 0)
+async def xack_calls(redis: RedisServer) -> int:
+    """How many XACK commands Redis has run since its statistics were reset."""
+    for line in (await redis.command("INFO", "commandstats")).splitlines():
+        if line.startswith("cmdstat_xack:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
+
+
+class PublishTests(RedisTestCase):
+    """One batch against a real Redis: appends, dead letters, one XACK, or none on failure."""
+
+    timeout = 30
+
+    async def batch_read(self, redis: RedisServer, **overrides: Any) -> tuple[Node, Intake]:
+        """
+        An intake (its reader started, not consuming) whose consumer has
+        read four entries, the third deleted from the stream since.
+        """
+        node = await self.start_node(redis, intake_stream="in", **overrides)
+        intake = for_bus(node.factory.config, node.bus, node.factory.metrics, reactor)
+        intake._reader.start()
+        self.addCleanup(intake._reader.stop)
+        await wait_until(lambda: intake._reader.up, 5, "the reader")
+        await redis.command("XGROUP", "CREATE", "in", "happyrobot", "0", "MKSTREAM")
+        for fields in ([body(type="T", projectId="p1", operationId="a")], [b"nope"],
+                       [body(type="T", projectId="p1")], [body(type="T", projectId="p2")]):
+            await redis.command("XADD", "in", "*", "event", *fields)
+        read = await intake._reader.command("XREADGROUP", "GROUP", "happyrobot", "me",
+                                            "STREAMS", "in", ">")
+        self.ids = [e[0] for e in stream_entries(read)]
+        await redis.command("XDEL", "in", self.ids[2])
+        await redis.command("CONFIG", "RESETSTAT")
+        return node, intake
+
+    async def pending(self) -> list[bytes]:
+        read = await self.intake._reader.command("XREADGROUP", "GROUP", "happyrobot", "me",
+                                                 "STREAMS", "in", "0")
+        return stream_entries(read)  # type: ignore[return-value]
+
+    async def test_batch(self) -> None:
+        """
+        Valid entries are appended in one turn, the bad one goes to in:dead
+        with its reason, its id and its fields, and all are acked in one XACK.
+        """
+        redis = await self.start_redis()
+        node, self.intake = await self.batch_read(redis)
+        appended: list[tuple[str, bytes, Any, Any]] = []
+        flushes: list[None] = []
+
+        def append(project_id: str, event: bytes, exclude: Any, op_key: Any) -> Deferred[int]:
+            appended.append((project_id, event, exclude, op_key))
+            return node.bus.append(project_id, event, exclude, op_key)
+
+        def flush() -> None:
+            flushes.append(None)
+            node.bus.flush()
+
+        self.intake._append, self.intake._flush = append, flush
+        members = [await node.joined(p, "u1") for p in ("p1", "p2")]
+        await node.settled()
+        entries = await self.pending()
+        self.assertEqual([e[1] is None for e in entries], [False, False, True, False])
+        with capturedLogs() as events:
+            await self.intake._publish(entries)  # type: ignore[arg-type]
+        third = "intake-" + self.ids[3].decode()
+        self.assertEqual([(a[0], a[2], a[3]) for a in appended],
+                         [("p1", None, ("", "a")), ("p2", None, ("", third))])
+        self.assertEqual(json.loads(appended[0][1])["operationId"], "a")
+        self.assertEqual(len(flushes), 1)
+        dead = await redis.command("XRANGE", "in:dead", "-", "+")
+        self.assertEqual([d[1] for d in dead], [
+            ["reason", "Invalid JSON", "entry", self.ids[1].decode(), "event", "nope"]])
+        self.assertEqual(await xack_calls(redis), 1)
+        self.assertEqual(await self.pending(), [])
+        self.assertEqual((self.intake.consumed, self.intake.dead), (3, 1))
+        lines = [e for e in events if "bad entries" in e.get("log_format", "")]
+        self.assertEqual([e["n"] for e in lines], [1])
+        for member, op in zip(members, ("a", third)):
+            self.assertEqual([e["operationId"] for e in await events_of(member, 1)], [op])
+
+    async def test_dead_letters_trimmed(self) -> None:
+        """The dead-letter stream keeps about the last DEAD_KEPT entries (MAXLEN ~)."""
+        redis = await self.start_redis()
+        node, self.intake = await self.batch_read(redis)
+        self.patch(intake_module, "DEAD_KEPT", 4)
+        await redis.command("CONFIG", "SET", "stream-node-max-entries", "2")
+        await self.intake._publish([(b"%d-0" % i, [b"event", b"{"]) for i in range(1, 21)])
+        dead = await redis.command("XRANGE", "in:dead", "-", "+")
+        self.assertTrue(4 <= len(dead) <= 6, len(dead))
+        self.assertEqual(dead[-1][1][:4], ["reason", "Invalid JSON", "entry", "20-0"])
+        self.assertEqual(self.intake.dead, 20)
+
+    async def test_failed_append_acks_nothing(self) -> None:
+        """
+        When an append fails (here: no replica confirms it, REDIS_MIN_REPLICAS),
+        nothing of the batch is acknowledged: every entry stays pending.
+        """
+        redis = await self.start_redis()
+        _, self.intake = await self.batch_read(redis, redis_min_replicas=1,
+                                               redis_min_replicas_timeout_ms=50)
+        entries = await self.pending()
+        await self.assertFailure(
+            Deferred.fromCoroutine(self.intake._publish(entries)),  # type: ignore[arg-type]
+            Unavailable)
+        self.assertEqual(await xack_calls(redis), 0)
+        self.assertEqual([e[0] for e in await self.pending()], self.ids)
+        self.assertEqual((self.intake.consumed, self.intake.dead), (0, 0))
 
 
 class GroupStateTests(RedisTestCase):

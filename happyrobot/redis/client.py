@@ -24,7 +24,7 @@ the txredisapi version, if an upgrade removed it:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, fail, gatherResults
@@ -102,6 +102,11 @@ def run_id(info: Any) -> bytes:
 def is_response_error(failure: Failure) -> bool:
     """Whether Redis answered with an error (rather than the link failing)."""
     return failure.check("txredisapi.ResponseError") is not None
+
+
+def is_readonly(failure: Failure) -> bool:
+    """Whether Redis refused a write as a replica (READONLY): a former master, demoted."""
+    return is_response_error(failure) and failure.getErrorMessage().startswith("READONLY")
 
 
 def is_connection_error(failure: Failure) -> bool:
@@ -224,6 +229,12 @@ def protocol_classes() -> tuple[type, type]:
     return CommandProtocol, SubscriberProtocol
 
 
+class Reconnects(Protocol):
+    """A connection that L{RedisLink.reconnect} drops and makes again with its own."""
+
+    def reconnect(self) -> Deferred[Any]: ...
+
+
 class RedisLink:
     """
     The bus's two connections to Redis, each kept up by a L{ClientService}
@@ -269,6 +280,8 @@ class RedisLink:
         self._commands: Any = None
         self._subscriber: Any = None
         self._unreachable = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
+        #: Other connections to drop and make again with these (L{also_reconnect}).
+        self._also: list[Reconnects] = []
 
     @property
     def where(self) -> str:
@@ -318,9 +331,15 @@ class RedisLink:
         services, self._services = self._services, []
         return gatherResults([s.stopService() for s in services], consumeErrors=True)
 
+    def also_reconnect(self, conn: Reconnects) -> None:
+        """Reconnect C{conn} too whenever L{reconnect} does (the intake's reader)."""
+        self._also.append(conn)
+
     def reconnect(self) -> Deferred[Any]:
         """Drop both connections and connect again now (the master changed)."""
         services = list(self._services)
+        for conn in self._also:
+            conn.reconnect()
 
         def again(_: object) -> None:
             for service in services:

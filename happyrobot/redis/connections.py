@@ -116,8 +116,9 @@ class SingleConnection:
     One more command connection, kept up by a L{ClientService} with
     backoff, for commands that block (C{XREADGROUP ... BLOCK}): a blocking
     read on the bus's command connection would hold up every command
-    queued behind it.  The owner hears of the connection becoming usable
-    or lost through C{changed}.
+    queued behind it.  Each connection attempt goes where C{endpoint()},
+    called again at each L{reconnect}, goes.  The owner hears of the
+    connection becoming usable or lost through C{changed}.
     """
 
     def __init__(
@@ -158,6 +159,21 @@ class SingleConnection:
         if service is None:
             return succeed(None)
         return service.stopService()
+
+    def reconnect(self) -> Deferred[Any]:
+        """
+        Drop the connection and connect again now, to where the endpoint
+        goes then (the master changed, or the Redis reached is a replica now).
+        """
+        service = self._service
+        if service is None:
+            return succeed(None)
+
+        def again(_: object) -> None:
+            if self._service is service:  # not stopped meanwhile, nor reconnected
+                self.start()
+
+        return service.stopService().addBoth(again)
 
     def command(self, *args: Any) -> Deferred[Any]:
         """Run one command (a failed Deferred while the connection is down)."""

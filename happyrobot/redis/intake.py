@@ -18,11 +18,12 @@ makes publishing an entry twice harmless.
 Bad entries (no C{event} field, not JSON, no C{projectId} or C{type}, too
 large) are moved to C{<stream>:dead} with a C{reason} field, acknowledged,
 counted, and logged at most once per L{DEAD_LOG_SECONDS}.
+What to do with each entry of a batch is decided without Redis, in
+L{happyrobot.redis.intake_entries}; this module sends it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,13 +31,27 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from happyrobot import logs, messages
 from happyrobot.config import Config, ConfigError, redis_address
 from happyrobot.history import OpKey
 from happyrobot.metrics import Metrics
 from happyrobot.redis.bus import RedisBus, backoff
+from happyrobot.redis.client import is_readonly
 from happyrobot.redis.connections import SingleConnection, ask
+from happyrobot.redis.intake_entries import (  # noqa: F401 (the intake's names)
+    DEAD_LOG_SECONDS,
+    OP_USER,
+    Batch,
+    Dead,
+    Entry,
+    Tally,
+    id_ms,
+    parse_entry,
+    sort_batch,
+    stream_entries,
+)
 
 log = logs.get_logger(__name__)
 
@@ -55,73 +70,10 @@ RETRY_SECONDS = 0.5
 #: between renewals): a consumer that died is replaced within INSTANCE_TTL
 #: and this.
 LEASE_TRY_SECONDS = 1.0
-#: At most one line about dead-lettered entries per this many seconds.
-DEAD_LOG_SECONDS = 10.0
 #: About how many entries the dead-letter stream keeps (the oldest go first).
 DEAD_KEPT = 10000
 #: How often the pending entries and the lag are read for /metrics.
 POLL_SECONDS = 2.0
-#: The user part of an intake entry's de-duplication key (a client's user
-#: id is never empty, so the two never meet).
-OP_USER = ""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A valid entry: the event to publish, and its de-duplication key."""
-
-    id: bytes
-    event: messages.Broadcast
-    op_key: OpKey
-
-
-@dataclass(frozen=True)
-class Dead:
-    """An entry that cannot be published: why, and its fields as they were."""
-
-    id: bytes
-    reason: str
-    fields: list[bytes]
-
-
-def parse_entry(entry_id: bytes, fields: list[bytes], max_bytes: int) -> Entry | Dead:
-    """
-    Validate one stream entry as ``POST /broadcast`` validates its body.
-    Without an C{operationId}, the event gets C{intake-<entry id>}, so a
-    second publication of the same entry is recognised too.
-
-    @param max_bytes: MAX_BROADCAST_BYTES, the largest C{event} accepted.
-    """
-    event = None
-    for name, value in zip(fields[::2], fields[1::2]):
-        if name == b"event":
-            event = value
-            break
-    if event is None:
-        return Dead(entry_id, "Missing field: event", fields)
-    if len(event) > max_bytes:
-        return Dead(entry_id, f"Body larger than {max_bytes} bytes", fields)
-    try:
-        parsed = messages.parse_broadcast(event)
-    except messages.BroadcastError as e:
-        return Dead(entry_id, str(e), fields)
-    op = parsed.operation_id
-    if op is None:
-        op = "intake-" + entry_id.decode("ascii")
-        parsed = replace(parsed, operation_id=op)
-    return Entry(entry_id, parsed, (OP_USER, op))
-
-
-def stream_entries(reply: Any) -> list[tuple[bytes, list[bytes] | None]]:
-    """The entries of an XREADGROUP reply on one stream (none for a timeout)."""
-    if not reply:
-        return []
-    return [(e[0], e[1]) for e in reply[0][1]]
-
-
-def id_ms(entry_id: bytes) -> int:
-    """The time part of a stream entry id (when Redis appended it), in ms."""
-    return int(entry_id.split(b"-", 1)[0])
 
 
 Append = Callable[[str, bytes, "str | None", "OpKey | None"], "Deferred[int]"]
@@ -187,12 +139,20 @@ class Intake(Service):
         self._poll_call.clock = clock
         self._loop: Deferred[None] | None = None
         self._wake: tuple[IDelayedCall, Deferred[None]] | None = None
-        self._dead_log = logs.Throttle(DEAD_LOG_SECONDS, clock)
         self._fail_log = logs.Throttle(DEAD_LOG_SECONDS, clock)
         #: For /metrics: this instance's counts, and the group's state.
-        self.consumed = 0
-        self.dead = 0
+        self.tally = Tally(self.dead_stream.decode("utf-8"), clock)
         self.group = GroupState(self.stream, command, clock)
+
+    @property
+    def consumed(self) -> int:
+        """Entries this instance published and acknowledged."""
+        return self.tally.consumed
+
+    @property
+    def dead(self) -> int:
+        """Entries this instance moved to the dead-letter stream."""
+        return self.tally.dead
 
     @property
     def active(self) -> bool:
@@ -289,12 +249,12 @@ class Intake(Service):
                 read, ahead = ahead or self._read_new(), None
                 entries = stream_entries(await read)
                 if entries and self.running:
-                    confirmed, ids, dead = self._send(entries)
+                    confirmed, batch = self._send(entries)
                     # The next batch is read meanwhile, and published only
                     # once this one is confirmed: a failed batch is
                     # published again before anything newer.
                     ahead = self._read_new()
-                    await self._acknowledge(confirmed, ids, dead)
+                    await self._acknowledge(confirmed, batch)
             except Exception as e:
                 if ahead is not None:  # what it reads is ours and pending: read again below
                     ahead.addErrback(lambda _: None)
@@ -304,6 +264,10 @@ class Intake(Service):
                 self._recover = True  # read what we hold again before anything new
                 if "NOGROUP" in str(e):
                     self._group_ready = False  # the stream was deleted, or Redis restarted empty
+                if is_readonly(Failure(e)):
+                    # A former master, demoted (the sentinels promoted another, or it
+                    # came back after a failover): read from the master named now.
+                    self._reader.reconnect()
                 n = self._fail_log.due()
                 if n:
                     log.warn("intake: {why} ({n} failures since the last such line); "
@@ -357,50 +321,29 @@ class Intake(Service):
         """
         await self._acknowledge(*self._send(entries))
 
-    def _send(
-        self, entries: list[tuple[bytes, list[bytes] | None]]
-    ) -> tuple[Deferred[Any], list[bytes], int]:
+    def _send(self, entries: list[tuple[bytes, list[bytes] | None]]) -> tuple[Deferred[Any], Batch]:
         """
         Append the valid entries and dead-letter the others, now; the
-        Deferred fires once all of it is confirmed.  Also returns the ids
-        to acknowledge then, and how many were dead.
+        Deferred fires once all of it is confirmed.  Also returns the batch
+        (the ids to acknowledge then, and the dead letters).
         """
-        now_ms = int(self._clock.seconds() * 1000)
-        waits: list[Deferred[Any]] = []
-        ids: list[bytes] = []
-        dead = 0
-        for entry_id, fields in entries:
-            ids.append(entry_id)
-            if fields is None:
-                continue  # deleted from the stream after it was read: nothing to publish
-            parsed = parse_entry(entry_id, fields, self.max_bytes)
-            if isinstance(parsed, Entry):
-                event = parsed.event
-                waits.append(self._append(event.project_id, messages.broadcast(event, now_ms),
-                                          None, parsed.op_key))
-            else:
-                dead += 1
-                waits.append(self._reader.command(
-                    "XADD", self.dead_stream, "MAXLEN", "~", DEAD_KEPT, "*", "reason", parsed.reason,
-                    "entry", entry_id, *parsed.fields))
+        batch = sort_batch(entries, self.max_bytes, int(self._clock.seconds() * 1000))
+        waits = [self._append(project_id, event, None, op_key)
+                 for project_id, event, op_key in batch.appends]
+        waits.extend(self._reader.command(
+            "XADD", self.dead_stream, "MAXLEN", "~", DEAD_KEPT, "*", "reason", d.reason,
+            "entry", d.id, *d.fields) for d in batch.dead)
         self._flush()
-        return gatherResults(waits, consumeErrors=True), ids, dead
+        return gatherResults(waits, consumeErrors=True), batch
 
-    async def _acknowledge(self, confirmed: Deferred[Any], ids: list[bytes], dead: int) -> None:
-        """Once C{confirmed}, XACK C{ids} (on the command connection: the reader may be blocked)."""
+    async def _acknowledge(self, confirmed: Deferred[Any], batch: Batch) -> None:
+        """Once C{confirmed}, XACK the batch (on the command connection: the reader may be blocked)."""
         try:
             await confirmed
         except FirstError as e:
             e.subFailure.raiseException()
-        await self._command("XACK", self.stream, GROUP, *ids)
-        self.consumed += len(ids) - dead
-        if dead:
-            self.dead += dead
-            for _ in range(dead):
-                n = self._dead_log.due()
-                if n:
-                    log.warn("intake: {n} bad entries moved to {dead} (its reason field "
-                             "says why)", n=n, dead=self.dead_stream.decode())
+        await self._command("XACK", self.stream, GROUP, *batch.ids)
+        self.tally.acknowledged(batch)
 
     # ------------------------------------------------------------ statistics
 
@@ -519,11 +462,13 @@ def for_bus(config: Config, bus: RedisBus, metrics: Metrics, reactor: IReactorTi
     figures in C{metrics} (/metrics and /dashboard/data).
     """
     # The reader goes where the bus's connections go (with Redis Sentinel,
-    # to the master the sentinels name at each connection attempt).
+    # to the master the sentinels name at each connection attempt), and
+    # connects again when they do, or when the Redis it reached is a replica.
     reader = SingleConnection(
         bus.link.address, bus.link.endpoint, reactor, bus.reply_timeout,
         lambda attempt: backoff(*bus.reconnect_delays, attempt), lambda up: None,
     )
+    bus.link.also_reconnect(reader)  # on +switch-master, with the bus's connections
     intake = Intake(
         config.intake_stream, bus.instance_id, reader, bus.link.command, bus.append, bus.flush,
         reactor, config.instance_ttl_seconds, config.max_broadcast_bytes,

@@ -6,8 +6,9 @@ With C{REDIS_SENTINELS} the bus's two connections (L{RedisLink}) go to the
 address the sentinels name (C{SENTINEL get-master-addr-by-name}, asked of
 each sentinel in turn), and are used only once that Redis answers ROLE
 with master.  When a connection drops, the next attempt asks again; when a
-sentinel announces C{+switch-master} for our master, both connections are
-dropped and made again at once.  The bus then recovers as after any
+sentinel announces C{+switch-master} for our master, both connections (and
+the intake's reader, registered with C{also_reconnect}) are dropped and
+made again at once.  The bus then recovers as after any
 outage: it subscribes again, registers its members again and catches up
 from the rooms' streams.
 
