@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -299,18 +300,23 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: LineCollector | None = None
         self._transport: Any = None
+        #: The server's own working directory, made at the first start
+        #: (under trial's, which trial empties at its next run): no server
+        #: loads a file another one left.
+        self.dir: str | None = None
 
     async def start(self) -> None:
         """Spawn the server and return once it answers PING with PONG."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-", dir=os.getcwd())
         self.process = proto = LineCollector()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no",
-                # A replica loads its master's data from the socket, writing no
-                # file, and no server loads a file another one left.
-                "--repl-diskless-load", "swapdb", "--dbfilename", "happyrobot-test-unsaved.rdb",
+                "--save", "", "--appendonly", "no", "--dir", self.dir,
+                # A replica loads its master's data from the socket, writing no file.
+                "--repl-diskless-load", "swapdb",
                 *self.args]
         self._transport = reactor.spawnProcess(
-            proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path="/"
+            proto, REDIS_SERVER, argv, env={"PATH": os.environ.get("PATH", "")}, path=self.dir
         )
         ended = Deferred()  # fires if the server dies before it is ready
         proto.ended.addBoth(lambda r: (ended.callback(r), r)[1])
