@@ -88,6 +88,31 @@ class UnreachableLogTests(SynchronousTestCase):
         self.assertEqual([e["n"] for e in warned], [1, 301])
         self.assertIn("5.0 seconds", warned[0]["why"])
 
+    def test_error_replies_one_line_per_ten_seconds(self) -> None:
+        """
+        Redis's error replies (a replica's READONLY, NOREPLICAS ...) fail
+        requests at their rate too: one error line every 10 s, with how
+        many, and no traceback.
+        """
+        import txredisapi
+        from twisted.logger import LogLevel, capturedLogs
+        from twisted.python.failure import Failure
+
+        clock = Clock()
+        bus = RedisBus(RoomRegistry(clock, 0.0), "redis://127.0.0.1:1/0", clock)
+        refused = Failure(txredisapi.ResponseError(
+            "READONLY You can't write against a read only replica."))
+        with capturedLogs() as captured:
+            for _ in range(300):
+                failure = bus.link.unavailable(refused, "m")
+                self.assertIsInstance(failure.value, Unavailable)
+            clock.advance(10)
+            bus.link.unavailable(refused, "m")
+        errors = [e for e in captured if e["log_level"] == LogLevel.error]
+        self.assertEqual([e["n"] for e in errors], [1, 300])
+        self.assertTrue(errors[0]["why"].startswith("READONLY"))
+        self.assertFalse([e for e in captured if "log_failure" in e])
+
 
 class RedisSettingTests(SynchronousTestCase):
     """REDIS_URL and the service wiring it selects."""

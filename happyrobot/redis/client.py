@@ -280,6 +280,8 @@ class RedisLink:
         self._commands: Any = None
         self._subscriber: Any = None
         self._unreachable = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
+        #: Redis's error replies (READONLY, NOREPLICAS, OOM ...) come at the rate of requests too.
+        self._refused = logs.Throttle(UNREACHABLE_LOG_SECONDS, reactor)
         #: Other connections to drop and make again with these (L{also_reconnect}).
         self._also: list[Reconnects] = []
 
@@ -447,12 +449,15 @@ class RedisLink:
 
     def unavailable(self, failure: Failure, message: str) -> Failure:
         """
-        Log why a request failed (a lost link at most once every
-        L{UNREACHABLE_LOG_SECONDS}, with how many requests failed) and fail
-        with L{Unavailable} instead.
+        Log why a request failed (an error reply, or a lost link: each at
+        most once every L{UNREACHABLE_LOG_SECONDS}, with how many requests
+        failed) and fail with L{Unavailable} instead.
         """
         if is_response_error(failure):
-            log.failure("a Redis script failed", failure)
+            n = self._refused.due()
+            if n:
+                log.error("Redis refused a request: {why} ({n} requests refused since the last "
+                          "such line)", why=failure.getErrorMessage(), n=n)
         else:
             n = self._unreachable.due()
             if n:

@@ -333,8 +333,9 @@ class Sequencer:
         if seq <= room.last:
             return  # delivered already, by a catch-up
         if seq > room.last + 1:
-            log.warn("{project_id}: events {first} to {end} did not arrive; reading them",
-                     project_id=project_id, first=room.last + 1, end=seq - 1)
+            log.warn("{project_id}: event {seq} arrived after {last}; reading the history "
+                     "between (events lost on the way, or the numbering jumped after a "
+                     "Redis failover or restart)", project_id=project_id, seq=seq, last=room.last)
             room.stale = True
             room.buffer.append((seq, data, exclude))
             self.sync(project_id)
