@@ -199,8 +199,8 @@ class LiveOrderTests(SequencerTestCase):
         room = self.synced_at(10)
         with capturedLogs() as captured:
             self.live(13)
-        self.assertEqual([(e["first"], e["end"]) for e in captured
-                          if e["log_level"] == LogLevel.warn], [(11, 12)])
+        self.assertEqual([(e["last"], e["seq"]) for e in captured
+                          if e["log_level"] == LogLevel.warn], [(10, 13)])
         self.assertEqual(self.steps.take(), [("read", "p1", 10)])
         self.assertFalse(room.synced)
         self.live(14)
