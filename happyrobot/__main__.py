@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -30,7 +29,6 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
-from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
 from happyrobot import __version__, cli_operator, logs
 from happyrobot.cli_operator import CommandError
@@ -329,27 +327,7 @@ async def publish(reactor: IClientReactor, args: argparse.Namespace, out: TextIO
     if args.stream:
         await _append_to_stream(reactor, args, body, out)
         return
-    headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
-    if args.api_token:
-        headers["Authorization"] = f"Bearer {args.api_token}"
-    url = args.url.rstrip("/") + "/broadcast"
-    # A pool of its own, not persistent: nothing stays open after the reply.
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    try:
-        response = await treq.post(url, data=json.dumps(body).encode("utf-8"),
-                                   headers=headers, pool=pool)
-        content = await response.content()
-    except (ConnectError, DNSLookupError, ResponseFailed) as e:
-        raise CommandError(f"cannot reach {url}: {e.__class__.__name__}") from None
-    text = content.decode("utf-8", "replace").strip()
-    if response.code != 200:
-        try:
-            why = json.loads(text)["error"]
-        except (ValueError, KeyError, TypeError):
-            why = text[:200]
-        raise CommandError(f"{url} answered {response.code}: {why}")
-    out.write(text + "\n")
-    out.flush()
+    await cli_operator.call(reactor, args, "POST", "/broadcast", body, out)
 
 
 async def _append_to_stream(

@@ -71,8 +71,15 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     _common(disconnect, environ)
 
 
-async def _call(reactor: Any, args: argparse.Namespace, method: str, path: str,
-                body: dict[str, Any] | None, out: TextIO) -> None:
+async def call(reactor: Any, args: argparse.Namespace, method: str, path: str,
+               body: dict[str, Any] | None, out: TextIO) -> None:
+    """
+    One request to the server at C{args.url} (with C{args.api_token} as the
+    bearer token), writing its JSON reply to C{out}: ``publish`` and the
+    operator commands.
+
+    @raise CommandError: the server could not be reached or did not answer 200.
+    """
     headers: dict[bytes | str, bytes | str] = {}
     data = None
     if body is not None:
@@ -104,7 +111,7 @@ def _segment(value: str) -> str:
 
 async def presence(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     """Print a room's presence across the deployment."""
-    await _call(reactor, args, "GET", f"/projects/{_segment(args.project_id)}/presence",
+    await call(reactor, args, "GET", f"/projects/{_segment(args.project_id)}/presence",
                 None, out)
 
 
@@ -113,14 +120,14 @@ async def revoke(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     body: dict[str, Any] = {"userId": args.user_id}
     if args.reason is not None:
         body["reason"] = args.reason
-    await _call(reactor, args, "POST", f"/projects/{_segment(args.project_id)}/revoke",
+    await call(reactor, args, "POST", f"/projects/{_segment(args.project_id)}/revoke",
                 body, out)
 
 
 async def disconnect(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     """Close every connection of a user."""
     body = {"reason": args.reason} if args.reason is not None else None
-    await _call(reactor, args, "POST", f"/users/{_segment(args.user_id)}/disconnect", body, out)
+    await call(reactor, args, "POST", f"/users/{_segment(args.user_id)}/disconnect", body, out)
 
 
 #: The commands, by name, for the CLI's dispatch.
