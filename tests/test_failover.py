@@ -9,8 +9,6 @@ Also a single Redis restarted from an older RDB snapshot.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -286,17 +284,9 @@ class SnapshotRestartTests(RedisTestCase):
 
     timeout = 30
 
-    async def test_older_snapshot_keeps_numbering(self) -> None:
-        """
-        The counter read back from the snapshot is below seqs the members
-        saw: each member gets RESYNC_REQUIRED past them, new events are
-        numbered above them (none dropped as a duplicate), and a client
-        resuming from a seen seq gets RESYNC_REQUIRED.
-        """
-        directory = tempfile.mkdtemp(prefix="happyrobot-rdb-")
-        self.addCleanup(lambda: [os.remove(os.path.join(directory, f))
-                                 for f in os.listdir(directory)] and os.rmdir(directory))
-        redis = RedisServer(free_port(), ("--dir", directory, "--dbfilename", "dump.rdb"))
+    async def redis_and_two_nodes(self) -> tuple[RedisServer, BusNode, BusNode]:
+        """A Redis that keeps an RDB file (written only by SAVE), and two buses on it."""
+        redis = RedisServer(free_port(), ("--dbfilename", "dump.rdb"))
         await redis.start()
         self.addCleanup(redis.stop)
         nodes = []
@@ -308,7 +298,16 @@ class SnapshotRestartTests(RedisTestCase):
             self.addCleanup(bus.stopService)
             await bus.when(bus.settled)
             nodes.append(BusNode(registry, bus))
-        a, b = nodes
+        return redis, nodes[0], nodes[1]
+
+    async def test_older_snapshot_keeps_numbering(self) -> None:
+        """
+        The counter read back from the snapshot is below seqs the members
+        saw: each member gets RESYNC_REQUIRED past them, new events are
+        numbered above them (none dropped as a duplicate), and a client
+        resuming from a seen seq gets RESYNC_REQUIRED.
+        """
+        redis, a, b = await self.redis_and_two_nodes()
         members = [await a.member("a1"), await b.member("b1")]
         saved = [await a.bus.append("p1", raw_event(f"s-{i}")) for i in range(3)]
         self.assertEqual(await redis.command("SAVE"), "OK")
@@ -341,22 +340,7 @@ class SnapshotRestartTests(RedisTestCase):
         RESYNC_REQUIRED, then every new event (no silent hole, nothing
         dropped as a duplicate).
         """
-        directory = tempfile.mkdtemp(prefix="happyrobot-rdb-")
-        self.addCleanup(lambda: [os.remove(os.path.join(directory, f))
-                                 for f in os.listdir(directory)] and os.rmdir(directory))
-        redis = RedisServer(free_port(), ("--dir", directory, "--dbfilename", "dump.rdb"))
-        await redis.start()
-        self.addCleanup(redis.stop)
-        nodes = []
-        for _ in range(2):
-            registry = RoomRegistry(reactor, 0.0)
-            bus = RedisBus(registry, redis.url, reactor, reconnect_initial_delay=0.05,
-                           reconnect_max_delay=0.25)
-            bus.startService()
-            self.addCleanup(bus.stopService)
-            await bus.when(bus.settled)
-            nodes.append(BusNode(registry, bus))
-        a, b = nodes
+        redis, a, b = await self.redis_and_two_nodes()
         member = await a.member("a1")
         saved = [await a.bus.append("p1", raw_event(f"s-{i}")) for i in range(3)]
         self.assertEqual(await redis.command("SAVE"), "OK")
