@@ -78,7 +78,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Command-line companion of the Happy Robot real-time server: "
-        "watch a project room, or publish an event into one.",
+        "watch a project room, publish an event into one (over HTTP or the intake "
+        "stream), see who is in one, or take a user out of one or off the server.",
         epilog="Exit codes: 0 done, 1 failure (one line on stderr), 2 usage error.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
