@@ -12,11 +12,9 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from happyrobot import auth, logs
 from happyrobot.access import AccessWatch
@@ -28,7 +26,7 @@ from happyrobot.operator import Actions
 from happyrobot.rooms import RoomRegistry
 from happyrobot.session import Session, Shared
 from tests.helpers import ServerTestCase
-from tests.test_auth import Backend, token, verifier
+from tests.test_auth import serve_backend, token, verifier
 from tests.test_session import _Verifier, _Writer
 
 PERIOD = 60.0
@@ -255,11 +253,9 @@ class RefreshOverWebSocketTests(ServerTestCase):
     """A real back end on loopback and real session tokens."""
 
     async def test_token_refresh_after_the_back_end_changed(self) -> None:
-        backend = Backend({("user_t", "p1"), ("user_t", "p2"), ("user_o", "p1")})
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(backend))
-        self.addCleanup(port.stopListening)
-        self.start_server(project_auth_url=f"http://127.0.0.1:{port.getHost().port}/can-join",
+        backend, url = await serve_backend(
+            self, {("user_t", "p1"), ("user_t", "p2"), ("user_o", "p1")})
+        self.start_server(project_auth_url=url,
                           project_auth_cache_seconds=600.0)
         self.factory.verifier = verifier()
         c = await self.connect()
@@ -285,11 +281,8 @@ class RefreshOverWebSocketTests(ServerTestCase):
 
     async def test_long_lived_member_removed_within_a_period(self) -> None:
         """With PROJECT_AUTH_CACHE_SECONDS=1, a member the back end drops is out within ~1 s."""
-        backend = Backend({("user_l", "p1")})
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(backend))
-        self.addCleanup(port.stopListening)
-        self.start_server(project_auth_url=f"http://127.0.0.1:{port.getHost().port}/can-join",
+        backend, url = await serve_backend(self, {("user_l", "p1")})
+        self.start_server(project_auth_url=url,
                           project_auth_cache_seconds=1.0)
         c = await self.joined("p1", "user_l")
         backend.allowed.clear()

@@ -383,16 +383,21 @@ class Backend(Resource):
         return NOT_DONE_YET
 
 
+async def serve_backend(test: Any, allowed: set[tuple[str, str]],
+                        status: int = 200) -> tuple[Backend, str]:
+    """A L{Backend} listening on loopback for C{test}, and its PROJECT_AUTH_URL."""
+    backend = Backend(allowed, status)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(backend))
+    test.addCleanup(port.stopListening)
+    return backend, f"http://127.0.0.1:{port.getHost().port}/can-join"
+
+
 class ProjectAuthorizationTests(ServerTestCase):
     """PROJECT_AUTH_URL against a real back end on loopback."""
 
     async def backend(self, allowed: set[tuple[str, str]], status: int = 200) -> Backend:
-        resource = Backend(allowed, status)
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(resource))
-        self.addCleanup(port.stopListening)
-        self.start_server(project_auth_url=f"http://127.0.0.1:{port.getHost().port}/can-join",
-                          api_token="s3cret")
+        resource, url = await serve_backend(self, allowed, status)
+        self.start_server(project_auth_url=url, api_token="s3cret")
         return resource
 
     async def test_allowed_and_forbidden(self) -> None:

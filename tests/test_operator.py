@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from happyrobot import operator
 from happyrobot.operator import CLOSE_USER_DISCONNECTED, BadRequest
 from tests.helpers import Client, ServerTestCase
-from tests.test_auth import Backend
+from tests.test_auth import serve_backend
 
 
 async def join(client: Client, project_id: str) -> None:
@@ -248,11 +245,8 @@ class RevokeWithBackendTests(ServerTestCase):
     """Revoke drops the cached PROJECT_AUTH_URL answer: a new join asks again."""
 
     async def test_rejoin_asks_again(self) -> None:
-        backend = Backend({("user_a", "p1")})
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(backend))
-        self.addCleanup(port.stopListening)
-        self.start_server(project_auth_url=f"http://127.0.0.1:{port.getHost().port}/can-join",
+        backend, url = await serve_backend(self, {("user_a", "p1")})
+        self.start_server(project_auth_url=url,
                           project_auth_cache_seconds=600.0)
         a = await self.joined("p1", "user_a")
         self.assertEqual(len(backend.requests), 1)

@@ -10,13 +10,11 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from tests.helpers import Client, Node, RedisServer, RedisTestCase
-from tests.test_auth import Backend
+from tests.test_auth import serve_backend
 
 
 async def presence_of(client: Client, users: set[str]) -> dict[str, Any]:
@@ -39,21 +37,14 @@ class RevokeAcrossInstancesTests(RedisTestCase):
     async def start(self, redis: RedisServer, **overrides: Any) -> tuple[Node, Node]:
         return await self.start_node(redis, **overrides), await self.start_node(redis, **overrides)
 
-    async def backend(self, allowed: set[tuple[str, str]]) -> tuple[Backend, str]:
-        backend = Backend(allowed)
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(backend))
-        self.addCleanup(port.stopListening)
-        return backend, f"http://127.0.0.1:{port.getHost().port}/can-join"
-
     async def test_member_on_other_instance_removed(self) -> None:
         """
         Out of the room within a second with ACCESS_REVOKED, no later event
         of that room, still the events of its other room; B's cached answer
         is dropped, so joining again asks the back end, which now says no.
         """
-        backend, url = await self.backend(
-            {("user_m", "p1"), ("user_m", "p2"), ("user_o", "p1"), ("user_k", "p1")})
+        backend, url = await serve_backend(
+            self, {("user_m", "p1"), ("user_m", "p2"), ("user_o", "p1"), ("user_k", "p1")})
         redis = await self.start_redis()
         a, b = await self.start(redis, project_auth_url=url, project_auth_cache_seconds=600.0)
         m = await b.join("p1", "user_m")
@@ -182,11 +173,7 @@ class RecheckAcrossInstancesTests(RedisTestCase):
     async def test_token_refresh_removes_the_member_everywhere_it_shows(self) -> None:
         from tests.test_auth import token, verifier
 
-        backend = Backend({("user_t", "p1"), ("user_o", "p1")})
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Site(backend))
-        self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}/can-join"
+        backend, url = await serve_backend(self, {("user_t", "p1"), ("user_o", "p1")})
         redis = await self.start_redis()
         a = await self.start_node(redis, project_auth_url=url, project_auth_cache_seconds=600.0)
         b = await self.start_node(redis, project_auth_url=url, project_auth_cache_seconds=600.0)
