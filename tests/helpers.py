@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -281,6 +281,19 @@ def spawn_twistd(
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=REPO_ROOT)
     return proto, transport
 
+
+
+async def wait_until(condition: Callable[[], Any], seconds: float = 10.0,
+                     what: str = "") -> None:
+    """
+    Poll C{condition} every 20 ms until it is true, for at most C{seconds}
+    (what real servers and processes do takes real time; each wait is bounded).
+    """
+    for _ in range(max(1, int(seconds / 0.02))):
+        if condition():
+            return
+        await deferLater(reactor, 0.02)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what or condition}")
 
 
 # ---------------------------------------------------------------- Redis

@@ -30,6 +30,7 @@ from tests.helpers import (
     drop_clients,
     free_port,
     listening_twistd,
+    wait_until,
 )
 from tests.sentinel_harness import (
     DOWN_AFTER_MS,
@@ -187,7 +188,7 @@ class SentinelFailoverTests(FailoverTestCase):
         leaving = await self.member(a, "r1")  # leaves before the kill, resumes after
         publisher = Publisher([a, b])
         publishing = Deferred.fromCoroutine(publisher.run(EVENTS))
-        await deferLater(reactor, 40 * INTERVAL, lambda: None)
+        await wait_until(lambda: len(publisher.acked) >= 40, 20, "40 events acknowledged")
         a.registry.leave("p1", leaving)
         seen_before = max(m["seq"] for m in events_of(members[0]))
         killed_at, killed_wall = time.monotonic(), time.time()
@@ -434,7 +435,7 @@ class ProcessFailoverTests(ServerTestCase):
         publishing = gatherResults([
             Deferred.fromCoroutine(self.publish(c, f"pub{i}", 60, acked))
             for i, c in enumerate(publishers)])
-        await deferLater(reactor, 0.6, lambda: None)
+        await wait_until(lambda: len(acked) >= 20, 20, "20 events acknowledged")
         killed_wall = time.time()
         old = await deployment.kill_master()
         killed_at = time.monotonic()

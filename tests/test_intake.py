@@ -38,7 +38,14 @@ from happyrobot.redis.intake import (
     stream_entries,
 )
 from happyrobot.tap import Options, makeService
-from tests.helpers import Client, Node, RedisServer, RedisTestCase, free_port
+from tests.helpers import (
+    Client,
+    Node,
+    RedisServer,
+    RedisTestCase,
+    free_port,
+    wait_until,
+)
 
 
 def body(**fields: Any) -> bytes:
@@ -114,14 +121,6 @@ class StartupTests(SynchronousTestCase):
         self.assertEqual(o.config().intake_stream, "hr:in")
         self.assertEqual(Options(environ={}).config().intake_stream, "")
 
-
-async def wait_until(condition: Any, seconds: float = 10.0, what: str = "") -> None:
-    """Poll C{condition} every 20 ms, for at most C{seconds}."""
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await deferLater(reactor, 0.02)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 async def events_of(client: Client, n: int, seconds: float = 10.0) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from tests.helpers import (
     RedisServer,
     free_port,
     listening_twistd,
+    wait_until,
 )
 
 STREAM = "it:intake"
@@ -95,14 +96,6 @@ async def join(port: int, project_id: str, user_id: str, since: int) -> Member:
                                    "since": since}).encode())
     return member
 
-
-async def wait_until(condition: Any, seconds: float, what: str) -> None:
-    """Poll C{condition} every 50 ms, for at most C{seconds}."""
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await deferLater(reactor, 0.05)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
 def entry(k: int) -> bytes:
