@@ -136,7 +136,7 @@ class RedisBus(Service):
             self.link, registry, self.rooms, reactor, self.instance_id, instance_ttl,
             history_ttl_seconds, lambda: bool(self.healthy and self.running), connection_count,
         )
-        self.operator = RedisOperator(self, actions or Actions(registry))  # the operator API
+        self.operator = RedisOperator(self, actions or Actions(registry), reactor)  # operator API
         self._was_healthy = False
         registry.listen(self)
         #: SUBSCRIBE and UNSUBSCRIBE commands not yet answered.

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from happyrobot import logs, messages
@@ -66,10 +67,11 @@ class RedisOperator:
     hands it the control channels' messages and its subscriber's state).
     """
 
-    def __init__(self, bus: RedisBus, actions: Actions,
+    def __init__(self, bus: RedisBus, actions: Actions, clock: IReactorTime,
                  timeout: float = CONTROL_TIMEOUT_SECONDS) -> None:
         self._bus = bus
         self.actions = actions
+        self._clock = clock
         self.timeout = timeout
         self._reply = reply_channel(bus.instance_id.encode("utf-8"))
         self._calls: dict[str, _Call] = {}
@@ -109,7 +111,7 @@ class RedisOperator:
             receivers = await link.command("PUBLISH", CONTROL_CHANNEL, messages.dumps(call))
             waiting.expected = int(receivers)
             waiting.check()
-            await waiting.done.addTimeout(self.timeout, self._bus._reactor)
+            await waiting.done.addTimeout(self.timeout, self._clock)
         except defer.TimeoutError:
             log.warn("an operator call had {n} of {expected} answers after {timeout} s",
                      n=len(waiting.answers), expected=waiting.expected, timeout=self.timeout)
