@@ -155,7 +155,7 @@ class MinReplicasTests(RedisTestCase):
     async def bus(self, redis: RedisServer, min_replicas: int) -> BusNode:
         registry = RoomRegistry(reactor, 0.0)
         bus = RedisBus(registry, RedisTarget(redis.url, min_replicas=min_replicas,
-                                             min_replicas_timeout_ms=100), reactor)
+                                             min_replicas_timeout_ms=1000), reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         await bus.when(bus.settled)
@@ -180,6 +180,8 @@ class MinReplicasTests(RedisTestCase):
             if "state=online" in await redis.command("INFO", "replication"):
                 break
             await deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the replica never came online")
         first = await a.bus.append("p1", raw_event("op-1"), None, ("u", "op-1"))
         batch = [a.bus.append("p1", raw_event(f"b-{i}"), None, ("u", f"b-{i}")) for i in range(3)]
         seqs = [await d for d in batch]
